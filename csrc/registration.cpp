@@ -1,0 +1,25 @@
+// Every lowrank C++ op schema, defined once. Kernels register per device in csrc/cpu/ and csrc/cuda/;
+// fake (meta) implementations and autograd live in the Python module named by set_python_module.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowrank, m) {
+  // y = x·weightᵀ + bias + scaling·(x·lora_aᵀ)·lora_bᵀ
+  m.set_python_module("lowrank.ops.lora_linear");
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
+  // Gradients of lora_linear w.r.t. (x, weight, lora_a, lora_b); an entry is undefined (None) where
+  // output_mask is false. The bias gradient is a plain reduction done by the caller.
+  m.def(
+      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling, "
+      "bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The same forward run by the Triton kernel (lowrank/kernels/triton/lora_linear.py registers its CPU
+  // (interpreter) and CUDA implementations when triton is importable). Backward: lora_linear_backward.
+  m.def("lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
+}
+
+// A module init so that `import lowrank._C` loads the library (and runs the registrations above) without
+// binding any Python functions: the ops are reached through torch.ops.lowrank.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

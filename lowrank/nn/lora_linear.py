@@ -1,0 +1,120 @@
+"""``LoRALinear``: a frozen ``nn.Linear`` plus a trainable low-rank update, run by the fused op.
+
+    y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ,    s = alpha / r
+
+Shapes: weight W [out, in], bias b [out], lora_a A [r, in], lora_b B [out, r] (PEFT's ``lora_A`` / ``lora_B``).
+B starts at zero, so a fresh module computes exactly the Linear it was built from.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank.ops.lora_linear import lora_linear
+
+__all__ = ["LoRALinear"]
+
+
+class LoRALinear(nn.Module):
+    """Linear layer with a fused LoRA update.
+
+    Args:
+        in_features, out_features: layer sizes.
+        r: LoRA rank (>= 1).
+        alpha: LoRA alpha; ``scaling = alpha / r`` (default ``alpha = r``, i.e. scaling 1).
+        bias: whether the base layer has a bias.
+        dropout: dropout probability on the LoRA branch's input (PEFT's ``lora_dropout``). While training with
+            ``dropout > 0`` the branch sees a different input than the base GEMM, so the layer runs as two
+            calls (``F.linear`` + the LoRA branch) instead of the fused op; in eval mode, or with
+            ``dropout=0``, it always runs the fused op.
+        backend: backend of :func:`lowrank.ops.lora_linear` ("auto", "cpp", "cuda", "triton", "torch").
+        freeze_base: base weight and bias get ``requires_grad=False`` (default).
+
+    ``forward`` never changes module state; conversions (``from_linear``, ``merged``) return new objects.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float | None = None, *,
+                 bias: bool = True, dropout: float = 0.0, backend: str = "auto", freeze_base: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"LoRALinear: in_features and out_features must be >= 1, got {in_features}, "
+                             f"{out_features}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
+        alpha = float(r if alpha is None else alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"LoRALinear: alpha must be finite, got {alpha}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=not freeze_base)
+        self.bias = (nn.Parameter(torch.empty(out_features, **kw), requires_grad=not freeze_base)
+                     if bias else None)
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, r, **kw))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's init for the base, PEFT's for the factors (A Kaiming-uniform, B zero)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, *, dropout: float = 0.0,
+                    backend: str = "auto", freeze_base: bool = True) -> "LoRALinear":
+        """Wrap ``linear``: the new module shares its weight and bias storage (no copy) and adds fresh factors."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, r, alpha, bias=linear.bias is not None, dropout=dropout,
+                backend=backend, freeze_base=freeze_base, device="meta", dtype=w.dtype)
+        m.weight = nn.Parameter(w.detach(), requires_grad=not freeze_base)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach(), requires_grad=not freeze_base)
+        m.lora_a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        m.lora_b = nn.Parameter(torch.zeros(linear.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(m.lora_a, a=math.sqrt(5))
+        return m
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B·A`` [out, in], computed in fp32 (returned in fp32)."""
+        return (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``W + s·B·A`` folded in (summed in fp32, stored in the weight's dtype)."""
+        w = self.weight.detach()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                        dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.detach())
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            base = torch.nn.functional.linear(x, self.weight, self.bias)
+            return base + self.scaling * torch.nn.functional.linear(
+                torch.nn.functional.linear(self.dropout(x), self.lora_a), self.lora_b)
+        return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"bias={self.bias is not None}, backend={self.backend!r}")

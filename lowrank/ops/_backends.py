@@ -1,0 +1,103 @@
+"""Backend records and selection.
+
+Every op owns a small table of :class:`Backend` records ("cpp", "cuda", "triton", "torch"), each declaring the
+devices and dtypes it serves and a probe that says why it cannot run. ``select`` takes the first backend with no
+reasons against it for ``backend="auto"``; a named backend that cannot run raises
+:class:`BackendUnavailableError` listing every reason. Selection depends only on the device, dtype and what was
+built or installed, never on mutable globals or environment switches of ours, and there is no silent fallback.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lowrank import _build
+
+
+class BackendUnavailableError(RuntimeError):
+    """A named backend cannot run the requested call; the message lists why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run an op.
+
+    Attributes:
+        name: "cpp", "cuda", "triton" or "torch".
+        devices: device types it runs on (``"cpu"``, ``"cuda"``).
+        dtypes: floating dtypes it supports.
+        fn: the implementation, called with the op's validated arguments.
+        probe: returns reasons it cannot run on ``device`` (empty when it can). Only build and install facts.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    fn: Callable
+    probe: Callable[[str], tuple[str, ...]] = field(default=lambda device_type: ())
+
+    def reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        out = []
+        if device.type not in self.devices:
+            out.append(f"runs on {'/'.join(self.devices)}, not {device.type}")
+        if dtype not in self.dtypes:
+            out.append(f"supports {', '.join(str(d).replace('torch.', '') for d in self.dtypes)}, not "
+                       f"{str(dtype).replace('torch.', '')}")
+        if not out:
+            out.extend(_probe(self.probe, device.type))
+        return out
+
+
+@torch.compiler.assume_constant_result
+def _probe(probe: Callable[[str], tuple[str, ...]], device_type: str) -> tuple[str, ...]:
+    # Build/install facts do not change during a process; torch.compile treats the answer as a constant.
+    return tuple(probe(device_type))
+
+
+def select(op: str, table: Sequence[Backend], requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """Pick the backend that runs ``op`` for this device and dtype.
+
+    Raises:
+        ValueError: ``requested`` is not a backend name of this op.
+        BackendUnavailableError: the named backend (or, for "auto", every backend) cannot run; lists why.
+    """
+    names = [b.name for b in table]
+    if requested != "auto" and requested not in names:
+        raise ValueError(f"{op}: backend must be 'auto' or one of {names}, got {requested!r}")
+    candidates = table if requested == "auto" else [b for b in table if b.name == requested]
+    why = {}
+    for b in candidates:
+        reasons = b.reasons(device, dtype)
+        if not reasons:
+            return b
+        why[b.name] = reasons
+    detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in why.items())
+    raise BackendUnavailableError(
+        f"{op}: no backend can run on {device.type} with dtype {str(dtype).replace('torch.', '')} "
+        f"(requested {requested!r}): {detail}")
+
+
+def has_kernel(qualname: str, device_type: str) -> tuple[str, ...]:
+    """Reasons why the compiled op ``qualname`` has no kernel for ``device_type`` in this build."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    if device_type == "cuda" and not _build.with_cuda:
+        return (f"lowrank._C was built without CUDA (torch {_build.torch_version}, CUDA {_build.torch_cuda_version})",)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+        return (f"{qualname} has no {key} kernel in this build",)
+    return ()
+
+
+def triton_reasons(device_type: str) -> tuple[str, ...]:
+    """Reasons why Triton kernels cannot run on ``device_type`` here."""
+    if importlib.util.find_spec("triton") is None:
+        return ("triton is not installed (pip install 'lowrank[triton]')",)
+    import triton
+
+    if device_type == "cpu" and not triton.knobs.runtime.interpret:
+        return ("Triton runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1 before import)",)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return ("no CUDA device",)
+    return ()
