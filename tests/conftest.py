@@ -7,15 +7,8 @@ be exact.
 """
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-# Triton kernels run on CPU tensors only under Triton's interpreter, which is read when triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float64, *DTYPES)

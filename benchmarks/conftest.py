@@ -1,0 +1,75 @@
+"""Shared benchmark setup: thread pinning, seeding, collection of ``bench_*.py``, and a warm-up helper.
+
+Run the suite:
+    pytest benchmarks --benchmark-disable                    # CI: each case once, no timing (cannot rot)
+    pytest benchmarks --benchmark-only --benchmark-warmup=on --benchmark-json=out.json [--threads N]
+    python benchmarks/report.py out.json                     # ratio table (see report.py; `--run` does both)
+
+Rules (DESIGN.md, Benchmarks): inputs are built outside the timed call, the peer and the floor share a group,
+the thread count is pinned (``--threads``, default 2: this project's CPU machines have 2 cores), every case is
+warmed up before it is timed, and medians are what gets reported. Timings on shared machines are noisy: compare
+ratios within one run, not absolute times across runs.
+"""
+from __future__ import annotations
+
+import fnmatch
+import platform
+
+import pytest
+import torch
+
+DEFAULT_THREADS = 2
+WARMUP_CALLS = 2
+
+
+def pytest_addoption(parser):
+    parser.addoption("--threads", type=int, default=DEFAULT_THREADS,
+                     help=f"torch.set_num_threads for the benchmarks (default {DEFAULT_THREADS})")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--threads")
+    if threads < 1:
+        raise pytest.UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect ``bench_*.py`` as test modules (pytest's default pattern is ``test_*.py``).
+
+    If the project's ``python_files`` setting already matches the file, pytest collects it itself; returning
+    ``None`` then avoids collecting it twice.
+    """
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
+        return None
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record what the ratios depend on next to pytest-benchmark's own machine info in the JSON."""
+    machine_info["torch_version"] = torch.__version__
+    machine_info["torch_num_threads"] = torch.get_num_threads()
+    machine_info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def run_benchmark(benchmark):
+    """``run_benchmark(fn)``: warm ``fn`` up with a few untimed calls, then time it with pytest-benchmark.
+
+    Under ``--benchmark-disable`` the warm-up is skipped and ``fn`` runs exactly once (the CI smoke mode).
+    pytest-benchmark's own ``--benchmark-warmup=on`` adds a longer warm-up phase on top of this one.
+    """
+    def run(fn):
+        if not benchmark.disabled:
+            for _ in range(WARMUP_CALLS):
+                fn()
+        return benchmark(fn)
+    return run

@@ -1,0 +1,240 @@
+"""lowrank.ops.lora_linear: parity with the reference, opcheck, gradcheck, torch.compile, bad input.
+
+The "cpp" and "torch" backends run here; "triton" has its own file (interpreter), "cuda" too (skips without GPU).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import lowrank
+from lowrank.ops import BackendUnavailableError, lora_linear
+from lowrank.reference import lora_linear as reference
+from tests.conftest import ALL_DTYPES, assert_grads_match_oracle, assert_matches_oracle
+
+OPCHECK_OPS = {"lora_linear", "lora_linear_backward"}
+BACKENDS = ("cpp", "torch")
+# (leading dims of x, in, out, r): odd sizes 1, 3, 17, 255 and rank 1 on purpose.
+SHAPES = [
+    ((1,), 1, 1, 1),
+    ((3,), 17, 3, 1),
+    ((17,), 3, 255, 3),
+    ((255,), 17, 17, 16),
+    ((2, 17), 33, 65, 8),
+    ((3, 1, 5), 255, 17, 17),
+]
+
+
+def make_inputs(lead, in_, out, r, dtype, bias=True, requires_grad=False, scale=1.0):
+    def t(*s):
+        return (torch.randn(*s, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
+    x = t(*lead, in_)
+    w = t(out, in_) / math.sqrt(in_)
+    b = t(out) if bias else None
+    a = t(r, in_) / math.sqrt(in_)
+    bb = t(out, r)
+    return [x, w.detach().requires_grad_(requires_grad), b, a.detach().requires_grad_(requires_grad),
+            bb]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_reference(backend, dtype, shape, bias):
+    args = make_inputs(*shape, dtype, bias=bias) + [0.37]
+    y = lora_linear(*args, backend=backend)
+    assert_matches_oracle(y, reference, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
+def test_backward_matches_reference(backend, dtype, shape):
+    args = make_inputs(*shape, dtype, bias=True) + [1.5]
+    leaves = [a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in args]
+    y = lora_linear(*leaves, backend=backend)
+    g = torch.randn_like(y)
+    wrt = [0, 1, 2, 3, 4]
+    grads = torch.autograd.grad(y, [leaves[i] for i in wrt], g)
+    assert_grads_match_oracle(grads, reference, args, g, wrt)
+
+
+@pytest.mark.parametrize("requires", [(True, False, False, True, True), (False, False, False, True, True),
+                                      (True, True, True, False, False)])
+def test_backward_only_requested_grads(requires):
+    x, w, b, a, bb = make_inputs((5,), 7, 6, 2, torch.float32)
+    leaves = [t.detach().requires_grad_(rq) for t, rq in zip((x, w, b, a, bb), requires)]
+    lora_linear(*leaves, 0.5).sum().backward()
+    for t, rq in zip(leaves, requires):
+        assert (t.grad is not None) == rq
+
+
+def test_gradcheck_fp64():
+    args = make_inputs((2, 3), 5, 4, 2, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: lora_linear(*a, 0.7), tuple(args))
+
+
+def test_gradcheck_fp64_no_bias():
+    x, w, _, a, bb = make_inputs((3,), 4, 5, 3, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, a, bb: lora_linear(x, w, None, a, bb, -1.3), (x, w, a, bb))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_forward(requires_grad, dtype):
+    args = make_inputs((2, 3), 17, 5, 3, dtype, requires_grad=requires_grad and dtype == torch.float64)
+    opcheck(torch.ops.lowrank.lora_linear.default, (*args, 0.5))
+    opcheck(torch.ops.lowrank.lora_linear.default, (args[0], args[1], None, args[3], args[4], 2.0))
+
+
+@pytest.mark.parametrize("mask", [[True, True, True, True], [True, False, True, True], [False, False, True, False],
+                                  [False, False, False, False]])
+def test_opcheck_backward(mask):
+    x, w, _, a, bb = make_inputs((2, 3), 17, 5, 3, torch.float64)
+    g = torch.randn(2, 3, 5, dtype=torch.float64)
+    opcheck(torch.ops.lowrank.lora_linear_backward.default, (g, x, w, a, bb, 0.5, mask))
+
+
+def test_backward_op_masked_outputs_are_none():
+    x, w, _, a, bb = make_inputs((4,), 3, 5, 2, torch.float32)
+    g = torch.randn(4, 5)
+    dx, dw, da, db = torch.ops.lowrank.lora_linear_backward(g, x, w, a, bb, 1.0, [False, True, False, True])
+    assert dx is None and da is None and dw.shape == w.shape and db.shape == bb.shape
+
+
+def test_double_backward_is_refused():
+    args = make_inputs((3,), 4, 5, 2, torch.float64, requires_grad=True)
+    y = lora_linear(*args, 0.5)
+    (gx,) = torch.autograd.grad(y.sum(), args[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_fullgraph_parity(dtype):
+    torch._dynamo.reset()
+    args = make_inputs((3, 17), 33, 9, 4, dtype)
+    f = torch.compile(lambda *a: lora_linear(*a, 0.25), fullgraph=True, dynamic=True)
+    y = f(*args)
+    assert_matches_oracle(y, lambda *a: reference(*a, 0.25), args)
+    # a second shape goes through the same dynamic graph
+    args2 = make_inputs((5,), 33, 9, 4, dtype)
+    assert_matches_oracle(f(*args2), lambda *a: reference(*a, 0.25), args2)
+
+
+def test_compile_fullgraph_backward():
+    torch._dynamo.reset()
+    args = make_inputs((6,), 7, 5, 2, torch.float32)
+    leaves = [t.detach().requires_grad_(True) for t in args]
+    f = torch.compile(lambda *a: lora_linear(*a, 0.5), fullgraph=True)
+    f(*leaves).square().sum().backward()
+    ref_leaves = [t.detach().requires_grad_(True) for t in args]
+    reference(*ref_leaves, 0.5).square().sum().backward()
+    for t, r in zip(leaves, ref_leaves):
+        torch.testing.assert_close(t.grad, r.grad, rtol=1e-5, atol=1e-5)
+
+
+# ---- empty batches ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_empty_batch(backend, lead):
+    x, w, b, a, bb = make_inputs(lead, 6, 4, 2, torch.float32)
+    leaves = [t.detach().requires_grad_(True) for t in (x, w, b, a, bb)]
+    y = lora_linear(*leaves, 1.0, backend=backend)
+    assert y.shape == (*lead, 4)
+    y.sum().backward()
+    assert leaves[0].grad.shape == x.shape
+    assert torch.count_nonzero(leaves[3].grad) == 0 and torch.count_nonzero(leaves[4].grad) == 0
+
+
+def test_inputs_not_modified():
+    args = make_inputs((5, 3), 7, 6, 2, torch.float32)
+    before = [t.clone() for t in args]
+    leaves = [t.requires_grad_(True) for t in args]
+    lora_linear(*leaves, 0.5).sum().backward()
+    for t, c in zip(args, before):
+        assert torch.equal(t.detach(), c)
+
+
+def test_non_contiguous_inputs():
+    x, w, b, a, bb = make_inputs((9,), 16, 12, 4, torch.float32)
+    xt = torch.randn(16, 9).t()              # [9, 16], non-contiguous
+    wt = torch.randn(16, 12).t()             # [12, 16]
+    at = torch.randn(16, 4).t()
+    bt = torch.randn(4, 12).t()
+    args = [xt, wt, b, at, bt, 0.3]
+    assert_matches_oracle(lora_linear(*args), reference, args)
+
+
+# ---- backend selection ----------------------------------------------------------------------------------------
+def test_auto_picks_cpp_on_cpu():
+    from lowrank.ops._backends import select
+    from lowrank.ops.lora_linear import BACKENDS as table
+    assert select("lora_linear", table, "auto", torch.device("cpu"), torch.float32).name == "cpp"
+
+
+def test_unknown_backend():
+    args = make_inputs((2,), 3, 4, 1, torch.float32)
+    with pytest.raises(ValueError, match="backend must be"):
+        lora_linear(*args, 1.0, backend="mkl")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_named_backend_refusal_lists_reasons():
+    args = make_inputs((2,), 3, 4, 1, torch.float32)
+    with pytest.raises(BackendUnavailableError, match="cuda: runs on cuda, not cpu"):
+        lora_linear(*args, 1.0, backend="cuda")
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+def _good():
+    return make_inputs((3,), 5, 4, 2, torch.float32)
+
+
+@pytest.mark.parametrize("idx,bad,exc,match", [
+    (0, torch.randn(3, 6), ValueError, r"x.shape\[-1\] = 6"),
+    (0, torch.tensor(1.0), ValueError, "x must have at least 1 dimension"),
+    (1, torch.randn(4, 6), ValueError, "x.shape"),
+    (1, torch.randn(4, 5, 1), ValueError, "weight must be 2-D"),
+    (1, torch.randn(0, 5), ValueError, "weight must be non-empty"),
+    (2, torch.randn(5), ValueError, "bias must be"),
+    (3, torch.randn(2, 6), ValueError, "lora_a must be"),
+    (3, torch.randn(0, 5), ValueError, "rank r >= 1"),
+    (4, torch.randn(4, 3), ValueError, "lora_b must be"),
+    (4, torch.randn(5, 2), ValueError, "lora_b must be"),
+    (1, torch.randn(4, 5, dtype=torch.float64), TypeError, "weight has dtype torch.float64"),
+    (4, torch.randn(4, 2, dtype=torch.bfloat16), TypeError, "lora_b has dtype"),
+    (0, torch.ones(3, 5, dtype=torch.int32), TypeError, "x must be float32"),
+    (3, torch.randn(2, 5, device="meta"), ValueError, "lora_a is on meta"),
+    (3, [[1.0] * 5] * 2, TypeError, "lora_a must be a torch.Tensor"),
+])
+def test_bad_input(idx, bad, exc, match):
+    args = _good()
+    args[idx] = bad
+    with pytest.raises(exc, match=match):
+        lora_linear(*args, 1.0)
+
+
+@pytest.mark.parametrize("scaling,exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                         (-float("inf"), ValueError), ("1.0", TypeError),
+                                         (torch.tensor(1.0), TypeError), (True, TypeError)])
+def test_bad_scaling(scaling, exc):
+    with pytest.raises(exc, match="scaling"):
+        lora_linear(*_good(), scaling)
+
+
+def test_direct_op_call_checks_in_cpp():
+    x, w, b, a, bb = _good()
+    with pytest.raises(ValueError, match="lora_b must be"):
+        torch.ops.lowrank.lora_linear(x, w, b, a, torch.randn(3, 2), 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.lowrank.lora_linear(x, w.double(), b, a, bb, 1.0)
+
+
+def test_package_exports():
+    assert lowrank.ops.lora_linear is lora_linear
+    assert issubclass(lowrank.BackendUnavailableError, RuntimeError)
