@@ -3,6 +3,8 @@
 Importing the package loads the compiled extension (which registers the ``torch.ops.lowrank`` schemas and the
 CPU / CUDA kernels), the public ops and the modules. Nothing here probes devices or reads environment variables.
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 from lowrank import _C  # noqa: F401  (registers torch.ops.lowrank)
 from lowrank import nn, ops
 from lowrank.ops import BackendUnavailableError
