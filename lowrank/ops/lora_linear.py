@@ -83,8 +83,7 @@ BACKENDS: tuple[Backend, ...] = (
             lambda d: has_kernel("lowrank::lora_linear", d)),
     Backend("cuda", ("cuda",), _FLOAT_DTYPES, torch.ops.lowrank.lora_linear,
             lambda d: has_kernel("lowrank::lora_linear", d)),
-    Backend("triton", ("cuda", "cpu"), (torch.float32, torch.bfloat16, torch.float16),
-            torch.ops.lowrank.lora_linear_triton, _triton_probe),
+    Backend("triton", ("cuda", "cpu"), _FLOAT_DTYPES, torch.ops.lowrank.lora_linear_triton, _triton_probe),
     Backend("torch", ("cpu", "cuda"), _FLOAT_DTYPES, _reference),
 )
 
@@ -134,7 +133,9 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling) -> None:
         raise ValueError(f"lora_linear: bias must be [out={out}], got shape {tuple(bias.shape)}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"lora_linear: scaling must be a Python float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
+    # Spelled as a comparison, not math.isfinite, so that a symbolic float under torch.compile(dynamic=True)
+    # traces; it is False for NaN and both infinities.
+    if not abs(scaling) < math.inf:
         raise ValueError(f"lora_linear: scaling must be finite, got {scaling}")
 
 

@@ -118,12 +118,12 @@ def test_double_backward_is_refused():
 def test_compile_fullgraph_parity(dtype):
     torch._dynamo.reset()
     args = make_inputs((3, 17), 33, 9, 4, dtype)
-    f = torch.compile(lambda *a: lora_linear(*a, 0.25), fullgraph=True, dynamic=True)
-    y = f(*args)
+    f = torch.compile(lora_linear, fullgraph=True, dynamic=True)
+    y = f(*args, 0.25)
     assert_matches_oracle(y, lambda *a: reference(*a, 0.25), args)
-    # a second shape goes through the same dynamic graph
+    # a second shape and scaling go through the same dynamic graph
     args2 = make_inputs((5,), 33, 9, 4, dtype)
-    assert_matches_oracle(f(*args2), lambda *a: reference(*a, 0.25), args2)
+    assert_matches_oracle(f(*args2, -1.5), lambda *a: reference(*a, -1.5), args2)
 
 
 def test_compile_fullgraph_backward():

@@ -74,7 +74,7 @@ def _lora_shrink_kernel(
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
     T, N, K, R,
-    scaling: "fp64",
+    scaling: tl.float64,
     stride_xt, stride_xk, stride_wn, stride_wk, stride_bias,
     stride_ht, stride_hr, stride_bn, stride_br, stride_yt, stride_yn,
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -115,7 +115,7 @@ def _lora_linear_fwd_kernel(
                      input_precision="ieee", out_dtype=ACC_DTYPE)
 
     # LoRA epilogue: acc += (s·h)·Bᵀ, a K-loop over the rank.
-    s = scaling.to(ACC_DTYPE)
+    s = tl.full((), scaling, ACC_DTYPE)  # fp64 arg; tl.full keeps its precision under the interpreter too
     rows_h = offs_m.to(tl.int64) * stride_ht
     rows_b = offs_n.to(tl.int64) * stride_bn
     for r0 in range(0, R, BLOCK_R):
@@ -148,13 +148,15 @@ def _config(device_type: str, dtype: torch.dtype, t: int, n: int, r: int) -> dic
     """Block sizes and launch options. Every block is >= 16 (the smallest tl.dot tile on NVIDIA)."""
     if device_type != "cuda":
         # Interpreter: tiny tiles keep numpy work per program small on test-sized problems.
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, GROUP_M=4, num_warps=4, num_stages=1)
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 4,
+                "num_warps": 4, "num_stages": 1}
     wide = dtype in (torch.float32, torch.float64)
     block_m = _pow2_at_least(t, 16, 64 if dtype == torch.float64 else 128)
     block_n = 64 if (dtype == torch.float64 or n <= 64) else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=16 if dtype == torch.float64 else (32 if wide else 64),
-                BLOCK_R=_pow2_at_least(r, 16, 64), GROUP_M=8,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2 if wide else 3)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n,
+            "BLOCK_K": 16 if dtype == torch.float64 else (32 if wide else 64),
+            "BLOCK_R": _pow2_at_least(r, 16, 64), "GROUP_M": 8,
+            "num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 2 if wide else 3}
 
 
 def _dot_dtype(x: torch.Tensor):
@@ -178,7 +180,7 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias, lora_a: torc
 
     cfg = _config(x.device.type, x.dtype, tokens, out_features, rank)
     cfg.update(blocks or {})
-    launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     dot_dtype = _dot_dtype(x)
     acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
