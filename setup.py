@@ -9,8 +9,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WITH_CUDA = torch.version.cuda is not None
-CXX_FLAGS = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x030A0000"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"]
+NVCC_FLAGS = ["-O3", "-std=c++20", "--threads=2",
+              "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 if WITH_CUDA:
@@ -37,6 +38,6 @@ with open(os.path.join(ROOT, "lowrank", "_build.py"), "w") as f:
     f.write(f"torch_cuda_version = {torch.version.cuda!r}\n")
     f.write(f"nvcc_version = {_nvcc_version() if WITH_CUDA else None!r}\n")
     f.write(f"cxx_flags = {CXX_FLAGS!r}\n")
-    f.write(f"cuda_arch_flags = {NVCC_FLAGS[2:] if WITH_CUDA else []!r}\n")
+    f.write(f"cuda_arch_flags = {[f for f in NVCC_FLAGS if f.startswith('-gencode')] if WITH_CUDA else []!r}\n")
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension}, options={"bdist_wheel": {"py_limited_api": "cp310"}})

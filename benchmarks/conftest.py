@@ -6,9 +6,9 @@ Run the suite:
     python benchmarks/report.py out.json                     # ratio table (see report.py; `--run` does both)
 
 Rules (DESIGN.md, Benchmarks): inputs are built outside the timed call, the peer and the floor share a group,
-the thread count is pinned (``--threads``, default 2: this project's CPU machines have 2 cores), every case is
-warmed up before it is timed, and medians are what gets reported. Timings on shared machines are noisy: compare
-ratios within one run, not absolute times across runs.
+the thread count is pinned (``--threads``, default 2: this project's CPU machines have 2 cores), every case
+is warmed up before it is timed, and medians are what gets reported. Timings on shared machines are noisy:
+compare ratios within one run, not absolute times across runs.
 """
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def pytest_configure(config):
 def pytest_collect_file(file_path, parent):
     """Collect ``bench_*.py`` as test modules (pytest's default pattern is ``test_*.py``).
 
-    If the project's ``python_files`` setting already matches the file, pytest collects it itself; returning
-    ``None`` then avoids collecting it twice.
+    pytest's own python plugin already collects a file named on the command line, or one that the project's
+    ``python_files`` setting matches; returning ``None`` then avoids collecting it twice.
     """
     if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if parent.session.isinitpath(file_path):
         return None
     if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
         return None

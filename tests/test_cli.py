@@ -1,0 +1,105 @@
+"""The ``lowrank`` command: ``main(argv)`` parsing, help, and tiny runs of ``demo`` (timings not checked)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from lowrank import cli
+
+
+def _table_lines(text: str, first_header: str) -> list[str]:
+    """Rows of the aligned table whose header line starts with ``first_header`` (after the dashes line)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(first_header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip() or not line.startswith(("fwd", "fwd+bwd")):
+            break
+        rows.append(line)
+    return rows
+
+
+def test_demo_quick_prints_check_and_timing_tables(capsys):
+    assert cli.main(["demo", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "numerical check" in out and "timings" in out
+    header = next(line for line in out.splitlines() if "lowrank/linear" in line)
+    impls = ["linear", "peft", "lowrank"] if cli.peft_available() else ["linear", "lowrank"]
+    for col in [*impls, "arith. floor"]:
+        assert col in header
+    # 2 quick shapes x 2 dtypes x 2 modes, in both tables, every check row ok.
+    lines = out.splitlines()
+    timing_start = next(i for i, line in enumerate(lines) if "lowrank/linear" in line)
+    timing_rows = [line for line in lines[timing_start + 2:] if line.startswith("fwd")]
+    assert len(timing_rows) == 8
+    check_rows = _table_lines(out, "mode ")
+    assert len(check_rows) == 8 and all(row.rstrip().endswith("ok") for row in check_rows)
+    for shape in cli.QUICK_SHAPES:
+        assert "x".join(map(str, shape)) in out
+
+
+def test_demo_function_returns_rows_and_restores_threads():
+    threads = torch.get_num_threads()
+    buf = io.StringIO()
+    rows = cli.demo(shapes=[(3, 8, 5)], dtypes=["float32"], modes=["fwd", "fwd+bwd"], r=2, alpha=4, repeats=1,
+                    target_s=1e-4, threads=1, file=buf)
+    assert torch.get_num_threads() == threads
+    assert [(r["shape"], r["dtype"], r["mode"]) for r in rows] == [((3, 8, 5), "float32", "fwd"),
+                                                                 ((3, 8, 5), "float32", "fwd+bwd")]
+    for row in rows:
+        assert row["ok"]
+        assert set(row["seconds"]) >= {"linear", "lowrank"}
+        assert all(s > 0 for s in row["seconds"].values())
+    assert "lowrank/linear" in buf.getvalue()
+
+
+def test_demo_without_peft(monkeypatch):
+    monkeypatch.setattr(cli, "peft_available", lambda: False)
+    buf = io.StringIO()
+    rows = cli.demo(shapes=[(2, 16, 16)], dtypes=[torch.bfloat16], modes=["fwd+bwd"], r=4, repeats=1,
+                    target_s=1e-4, threads=1, file=buf)
+    out = buf.getvalue()
+    assert "peft is not installed" in out
+    assert "peft/linear" not in out and "lowrank/peft" not in out
+    assert set(rows[0]["seconds"]) == {"linear", "lowrank"} and rows[0]["ok"]
+
+
+def test_make_lora_peers_share_the_base_weight_and_factors():
+    peers = cli.make_lora_peers(4, 12, 10, r=3, alpha=6, with_peft=cli.peft_available())
+    w = peers.linear.weight
+    assert peers.lowrank.weight.data_ptr() == w.data_ptr() and not w.requires_grad
+    assert peers.lowrank.lora_b.abs().sum() > 0
+    if peers.peft is not None:
+        assert peers.peft.get_base_layer() is peers.linear
+        torch.testing.assert_close(peers.peft.lora_A["default"].weight, peers.lowrank.lora_a)
+        torch.testing.assert_close(peers.peft.lora_B["default"].weight, peers.lowrank.lora_b)
+        with torch.no_grad():
+            torch.testing.assert_close(peers.peft(peers.x), peers.lowrank(peers.x))
+
+
+def test_main_without_a_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 1
+    out = capsys.readouterr().out
+    assert "usage: lowrank" in out and "demo" in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]])
+def test_help_exits_zero(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: lowrank" in out
+    if argv[0] == "demo":
+        assert "--quick" in out and "--shapes" in out
+
+
+@pytest.mark.parametrize("argv", [["nope"], ["demo", "--shapes", "2x3"], ["demo", "--dtypes", "int8"],
+                                  ["demo", "--modes", "bwd"], ["demo", "--repeats", "0"]])
+def test_bad_arguments_exit_two(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
