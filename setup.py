@@ -9,7 +9,10 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 WITH_CUDA = torch.version.cuda is not None
-CXX_FLAGS = ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030A0000"]
+# -fopenmp: at::parallel_for is header-inline and runs serially without it. torch loads its own libgomp.so.1
+# first (lowrank imports torch before _C), and ours resolves to that same SONAME: one OpenMP runtime.
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--threads=2",
               "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
@@ -17,10 +20,11 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     ext = CUDAExtension("lowrank._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, py_limited_api=True)
+                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=LINK_FLAGS,
+                        py_limited_api=True)
 else:
     ext = CppExtension("lowrank._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                       extra_compile_args={"cxx": CXX_FLAGS}, py_limited_api=True)
+                       extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS, py_limited_api=True)
 
 
 def _nvcc_version() -> str | None:

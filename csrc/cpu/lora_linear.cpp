@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "common/lora_linear_common.h"
+#include "cpu/lowrank_kernels.h"
 
 namespace lowrank {
 namespace {
@@ -28,21 +29,45 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     y = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
     return y.view(out_shape);
   }
-  const at::Tensor h = at::mm(x2, lora_a.t());
-  if (has_bias) {
-    y = at::addmm(*bias, h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+  if (x.scalar_type() == at::kDouble) {
+    // fp64 is the testing dtype (gradcheck): keep every product in double through ATen.
+    const at::Tensor h = at::mm(x2, lora_a.t());
+    y = has_bias ? at::addmm(*bias, h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling)
+                 : at::mm(h, lora_b.t()).mul_(scaling);
   } else {
-    y = at::empty({x2.size(0), out}, x.options());
-    at::addmm_out(y, y, h, lora_b.t(), /*beta=*/0, /*alpha=*/scaling);  // beta = 0: y's contents are ignored
+    const at::Tensor h = cpu::shrink(x2, lora_a, scaling);         // s·x·Aᵀ, fp32 [T, r]
+    y = cpu::expand(h, lora_b.t(), bias, x.scalar_type());          // b + s·h·Bᵀ, the output's first write
   }
   y.addmm_(x2, weight.t());
   return y.view(out_shape);
 }
 
+// Same math as lora_linear_backward_aten, with the rank-r products (g·B, gB·A, x·Aᵀ) on the register-tiled
+// kernels; the reductions over tokens (dA = gBᵀ·x, dB = gᵀ·h) and the base GEMMs stay with ATen.
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, double scaling, std::array<bool, 4> output_mask) {
-  return lora_linear_backward_aten(grad_out, x, weight, lora_a, lora_b, scaling, output_mask);
+  if (x.scalar_type() == at::kDouble) {
+    return lora_linear_backward_aten(grad_out, x, weight, lora_a, lora_b, scaling, output_mask);
+  }
+  check_lora_linear_args(x, weight, std::nullopt, lora_a, lora_b);
+  check_lora_linear_grad(grad_out, x, weight);
+  const auto in = weight.size(1), out = weight.size(0);
+  const auto dtype = x.scalar_type();
+  const at::Tensor g2 = grad_out.reshape({-1, out});
+  const at::Tensor x2 = x.reshape({-1, in});
+  OptTensor dx, dw, da, db;
+  at::Tensor gb;  // s·(g·B) in fp32 [T, r], shared by dx and dA
+  if (output_mask[0] || output_mask[2]) gb = cpu::shrink(g2, lora_b.t(), scaling);
+  if (output_mask[0]) {
+    at::Tensor d = cpu::expand(gb, lora_a, std::nullopt, dtype);  // gB·A, then the base GEMM accumulates
+    d.addmm_(g2, weight);
+    dx = d.view(x.sizes());
+  }
+  if (output_mask[1]) dw = at::mm(g2.t(), x2);
+  if (output_mask[2]) da = at::mm(gb.to(dtype).t(), x2);
+  if (output_mask[3]) db = at::mm(g2.t(), cpu::shrink(x2, lora_a, scaling).to(dtype));
+  return {dx, dw, da, db};
 }
 
 }  // namespace
