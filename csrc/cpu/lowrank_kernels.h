@@ -1,26 +1,27 @@
-// Rank-r building blocks of the LoRA-style ops on the CPU, shared by every op that applies a thin factor:
-//   shrink: H[t, k] = s · Σ_i X[t, i] · M[k, i]          X [T, K] (any float dtype), M [r, K], H [T, r] fp32
-//   expand: Y[t, n] = bias[n] + Σ_k H[t, k] · N[k, n]     H [T, r] fp32, N [r, Nout], Y [T, Nout] in X's dtype
-// Why expand is hand-written: with r ≈ 16 it is a K = 16 GEMM, a shape oneDNN/MKL run far below the memory floor
-// (measured on this CPU: a bf16 2048×16×3072 addmm took 4.3–5.3 ms, 25% of the whole base GEMM). Here each output
-// tile of 4 rows × 64 columns is accumulated in 16 AVX-512 registers over all r, so Y is written exactly once
-// (measured 2.2 ms for that shape, page faults of the fresh output included). shrink is an N = r GEMM that
-// oneDNN already runs at the memory floor, so it stays at::mm (a hand-tiled version measured 3× slower).
-// The AVX-512 code is compiled with a function-level target attribute and chosen by the CPU's features at run
-// time; without AVX-512 (or for fp16/fp64) ATen computes the same products.
+// Rank-r building blocks of the LoRA-style ops on the CPU:
+//   shrink:      H[t, k] = s · Σ_i X[t, i] · M[k, i]            X [T, K], M [r, K] → H [T, r] fp32
+//   expand_add_: Y[t, n] += bias[n] + Σ_k H[t, k] · N[k, n]     H [T, r] fp32, N [r, Nout], Y [T, Nout] in place
+// Why this split: the base GEMM writes a fresh output with beta = 0, the fastest form oneDNN/MKL have (measured
+// on this CPU, bf16: F.linear, which first fills the output with the bias and then accumulates, costs 1.16–1.20×
+// a plain mm into the same shape), and the rank-r term plus bias is then added in one pass over the output.
+// That pass is hand-written because with r ≈ 16 it is a K = 16 GEMM, a shape oneDNN runs far below the memory
+// floor (a bf16 2048×16×3072 addmm_ took 4.3 ms, a quarter of the base GEMM). Here each 4-row × 64-column tile
+// of Y is read once, accumulated over all r in 16 AVX-512 registers together with the bias, and written once.
+// shrink is an N = r GEMM that oneDNN/MKL already run at the memory floor, so it stays at::mm.
+// The AVX-512 code has a function-level target attribute and is chosen by the CPU's features at run time;
+// elsewhere (no AVX-512 BF16, or fp16/fp64) ATen computes the same products.
 #pragma once
 #include <ATen/ATen.h>
 
 namespace lowrank::cpu {
 
-// fp32 [r, K_pad] copy of a [r, K] matrix (zero padded to a multiple of 16 columns), times `scale`.
-at::Tensor pack_rows_f32(const at::Tensor& m, double scale = 1.0);
+// Whether this CPU runs the AVX-512 BF16 kernels (checked once from CPUID).
+bool has_avx512_bf16();
 
-// H = scale · X · Mᵀ in fp32.  X [T, K] (row stride may differ from K), M [r, K].  Returns [T, r] fp32.
+// H = scale · X · Mᵀ in fp32.  X [T, K], M [r, K].  Returns [T, r] fp32 contiguous.
 at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale = 1.0);
 
-// Y = bias + H · N, written into a new [T, Nout] tensor of `dtype`.  H [T, r] fp32 contiguous, N [r, Nout].
-at::Tensor expand(const at::Tensor& h, const at::Tensor& n, const std::optional<at::Tensor>& bias,
-                  at::ScalarType dtype);
+// Y += bias + H · N in place.  Y [T, Nout] (unit column stride), H [T, r] fp32, N [r, Nout], bias [Nout] or none.
+void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const std::optional<at::Tensor>& bias);
 
 }  // namespace lowrank::cpu
