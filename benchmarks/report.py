@@ -35,11 +35,7 @@ MODE_ORDER = ("fwd", "fwd+bwd")
 DTYPE_ORDER = ("float32", "bfloat16", "float16", "float64")
 
 
-def floor_overhead(mode: str, in_f: int, out_f: int, r: int) -> float:
-    """Extra arithmetic of LoRA over the bare Linear, as a fraction of the Linear's FLOPs."""
-    if mode == "fwd":
-        return r * (in_f + out_f) / (in_f * out_f)
-    return r * (4 * in_f + 3 * out_f) / (2 * in_f * out_f)
+from lowrank.cli import floor_overhead  # noqa: E402  (one definition, shared with `lowrank demo`)
 
 
 def load_groups(data: dict) -> list[dict]:

@@ -29,7 +29,7 @@ from typing import Callable, Sequence, TextIO
 import torch
 from torch import nn
 
-__all__ = ["main", "demo", "LoRAPeers", "make_lora_peers", "IMPLS", "DEMO_SHAPES", "QUICK_SHAPES"]
+__all__ = ["main", "demo", "floor_overhead", "LoRAPeers", "make_lora_peers", "IMPLS", "DEMO_SHAPES", "QUICK_SHAPES"]
 
 IMPLS = ("linear", "peft", "lowrank")
 MODES = ("fwd", "fwd+bwd")
@@ -165,6 +165,18 @@ def make_lora_peers(T: int, in_features: int, out_features: int, *, r: int = 16,
     x = randn(T, in_features)
     grad = torch.ones(T, out_features, dtype=dtype)
     return LoRAPeers(linear, peft_layer, low, x, grad, r, float(alpha), factors=(a, b))
+
+
+def floor_overhead(mode: str, in_f: int, out_f: int, r: int) -> float:
+    """LoRA's extra FLOPs over the bare Linear's, as a fraction of the Linear's.
+
+    fwd: h = x·Aᵀ and h·Bᵀ over x·Wᵀ: r·(in+out)/(in·out). fwd+bwd with x requiring grad: the Linear does two
+    GEMMs (forward, dx); LoRA adds its two forward products and g·B, (g·B)·A, dA, dB and the recomputed h:
+    r·(4·in+3·out)/(2·in·out).
+    """
+    if mode == "fwd":
+        return r * (in_f + out_f) / (in_f * out_f)
+    return r * (4 * in_f + 3 * out_f) / (2 * in_f * out_f)
 
 
 # ---- numerical check --------------------------------------------------------------------------------------
@@ -324,7 +336,7 @@ def demo(shapes: Sequence[tuple[int, int, int]] = DEMO_SHAPES, dtypes: Sequence[
     for row in rows:
         s = row["seconds"]
         T, i, o = row["shape"]
-        extra = (r * (i + o) if row["mode"] == "fwd" else r * (2 * i + 3 * o)) / (i * o)
+        extra = floor_overhead(row["mode"], i, o, r)
         ratios = [s["lowrank"] / s["linear"]]
         if with_peft:
             ratios += [s["peft"] / s["linear"], s["lowrank"] / s["peft"]]
