@@ -116,6 +116,25 @@ inline int lora_shrink_num_splits(int64_t tokens, int64_t r, int64_t in, int num
   return static_cast<int>(splits < 1 ? 1 : splits);
 }
 
+// The register micro-tile both kernels share: acc[i][j] += Σ_kk us[kk][ty + kLoraSide·i] · vs[kk][tx + kLoraSide·j]
+// over one kLoraBK-deep slice staged in shared memory (k-major, so a warp reads consecutive addresses).
+template <int TM, int TN, typename acc_t, typename UTile, typename VTile>
+__device__ __forceinline__ void lora_tile_fma(const UTile& us, const VTile& vs, int ty, int tx,
+                                              acc_t (&acc)[TM][TN]) {
+#pragma unroll
+  for (int kk = 0; kk < kLoraBK; ++kk) {
+    acc_t uf[TM], vf[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) uf[i] = us[kk][ty + kLoraSide * i];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) vf[j] = vs[kk][tx + kLoraSide * j];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = fma(uf[i], vf[j], acc[i][j]);
+  }
+}
+
 // ---- shrink: h_part[z] = x[:, kz]·A[:, kz]ᵀ over the z-th slice kz of `in` ------------------------------
 template <typename scalar_t, int TM, int TN>
 __global__ void __launch_bounds__(kLoraThreads, lora_min_blocks<scalar_t>())
@@ -163,20 +182,7 @@ __global__ void __launch_bounds__(kLoraThreads, lora_min_blocks<scalar_t>())
       as[lane][rr] = (row < r && col < k_end) ? E::load(a[row * lda + col]) : acc_t(0);
     }
     __syncthreads();
-    if (active) {
-#pragma unroll
-      for (int kk = 0; kk < kLoraBK; ++kk) {
-        acc_t xf[TM], af[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) xf[i] = xs[kk][ty + kLoraSide * i];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) af[j] = as[kk][tx + kLoraSide * j];
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) acc[i][j] = fma(xf[i], af[j], acc[i][j]);
-      }
-    }
+    if (active) lora_tile_fma<TM, TN>(xs, as, ty, tx, acc);
     __syncthreads();
   }
 
@@ -241,20 +247,7 @@ __global__ void __launch_bounds__(kLoraThreads, lora_min_blocks<scalar_t>())
       bs[lane][oo] = (row < out && col < r) ? E::load(b[row * ldb + col]) : acc_t(0);
     }
     __syncthreads();
-    if (active) {
-#pragma unroll
-      for (int kk = 0; kk < kLoraBK; ++kk) {
-        acc_t hf[TM], bf[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) hf[i] = hs[kk][ty + kLoraSide * i];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) bf[j] = bs[kk][tx + kLoraSide * j];
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) acc[i][j] = fma(hf[i], bf[j], acc[i][j]);
-      }
-    }
+    if (active) lora_tile_fma<TM, TN>(hs, bs, ty, tx, acc);
     __syncthreads();
   }
 
