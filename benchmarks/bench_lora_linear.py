@@ -33,7 +33,7 @@ from lowrank.cli import make_lora_peers, peft_available
 BENCHMARKED_OPS = {"lora_linear", "lora_linear_backward", "lora_linear_triton"}
 
 R, ALPHA = 16, 32
-SHAPES = ((2048, 768, 768), (2048, 768, 3072), (512, 4096, 4096), (8, 4096, 4096))
+SHAPES = ((2048, 768, 768), (2048, 768, 3072), (512, 4096, 4096), (8, 4096, 4096), (1, 4096, 4096))
 DTYPES = (torch.float32, torch.bfloat16)
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("linear", "peft", "lowrank")

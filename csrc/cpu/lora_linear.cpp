@@ -4,7 +4,8 @@
 // Order of work in the forward, and why: the base GEMM writes a fresh output once with the bias in its epilogue
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
-// B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit. No output-sized temporary is allocated, and the whole layer is one dispatcher call,
+// B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit (except the bf16 decode
+// path of 1–3 tokens, one fused pass over W and B that sums in another order; see decode_linear_bf16). No output-sized temporary is allocated, and the whole layer is one dispatcher call,
 // which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) stays on ATen's double GEMMs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -56,6 +57,13 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   out_shape.back() = out;
   const at::Tensor x2 = x.reshape({-1, in});
   const bool lora = x2.size(0) > 0 && scaling != 0.0;
+  if (cpu::decode_supported(x2, weight) && scaling != 0.0 && lora_a.stride(1) == 1 && lora_b.stride(1) == 1) {
+    // Decode: u = s·x·Aᵀ (rounded to bf16, as the unfused layer's h is), then bias + x·Wᵀ + u·Bᵀ in one pass.
+    const at::Tensor u = cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt, at::kFloat)
+                             .mul_(scaling)
+                             .to(at::kBFloat16);
+    return cpu::decode_linear_bf16(x2, weight, bias, u, lora_b, at::kBFloat16).view(out_shape);
+  }
   at::Tensor y = base_linear(x2, weight, bias);
   if (lora) {
     if (x.scalar_type() == at::kDouble) {

@@ -98,6 +98,58 @@ void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np,
     }
   });
 }
+
+// Up to 3 tokens: measured against F.linear with the LoRA term included, bf16: 0.66× at T = 1, 0.82× at 2, 0.90×
+// at 3 (4096×4096), but 1.06× at 4 and 1.6× at 8, where the dot products, not the weight stream, bound it.
+constexpr int64_t kDecodeMaxT = 3;
+constexpr int64_t NB = 2;  // output rows per register tile of the decode kernel
+
+// acc[t][j] += Σ_i x[t, i] · w[n + j, i] over i < K, in bf16 pairs with fp32 accumulation.
+template <int TT>
+LOWRANK_AVX512 inline void dot_tile(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t ldw,
+                                    int64_t K, int64_t nb, __m512 (&acc)[kDecodeMaxT][NB]) {
+  for (int64_t i = 0; i < K; i += 32) {
+    const __mmask32 m = K - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - i)) - 1u);
+    __m512i wv[NB];
+    for (int64_t j = 0; j < NB; ++j)
+      wv[j] = j < nb ? _mm512_maskz_loadu_epi16(m, w + j * ldw + i) : _mm512_setzero_si512();
+    for (int t = 0; t < TT; ++t) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(m, x + t * ldx + i);
+      for (int64_t j = 0; j < NB; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], (__m512bh)xv, (__m512bh)wv[j]);
+    }
+  }
+}
+
+template <int TT, typename Out>
+void decode_impl(const at::Tensor& x2, const at::Tensor& w, const float* bias, const at::Tensor& u,
+                 const at::Tensor& v, at::Tensor& y) {
+  const int64_t N = w.size(0), K = w.size(1), ldx = x2.stride(0), ldw = w.stride(0), ldy = y.stride(0);
+  const bool two = u.defined();
+  const int64_t r = two ? u.size(1) : 0;
+  const auto* X = x2.const_data_ptr<c10::BFloat16>();
+  const auto* W = w.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* U = two ? u.const_data_ptr<c10::BFloat16>() : nullptr;
+  const c10::BFloat16* V = two ? v.const_data_ptr<c10::BFloat16>() : nullptr;
+  const int64_t ldu = two ? u.stride(0) : 0, ldv = two ? v.stride(0) : 0;
+  Out* Y = y.mutable_data_ptr<Out>();
+  at::parallel_for(0, (N + NB - 1) / NB, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * NB, nb = std::min(NB, N - n);
+      [&]() LOWRANK_AVX512 {
+        __m512 acc[kDecodeMaxT][NB];
+        for (int t = 0; t < kDecodeMaxT; ++t)
+          for (int64_t j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_ps();
+        dot_tile<TT>(X, ldx, W + n * ldw, ldw, K, nb, acc);
+        if (two) dot_tile<TT>(U, ldu, V + n * ldv, ldv, r, nb, acc);
+        for (int t = 0; t < TT; ++t)
+          for (int64_t j = 0; j < nb; ++j) {
+            const float val = _mm512_reduce_add_ps(acc[t][j]) + (bias ? bias[n + j] : 0.f);
+            Y[t * ldy + n + j] = static_cast<Out>(val);
+          }
+      }();
+    }
+  });
+}
 #endif  // LOWRANK_HAVE_AVX512_KERNELS
 
 bool use_avx512(const at::Tensor& y) {
@@ -133,6 +185,39 @@ void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const 
     expand_add_avx512<float>(y, h, np, b);
   }
 #endif
+}
+
+bool decode_supported(const at::Tensor& x2, const at::Tensor& w) {
+  return has_avx512_bf16() && x2.scalar_type() == at::kBFloat16 && x2.size(0) >= 1 &&
+         x2.size(0) <= kDecodeMaxT && x2.stride(1) == 1 && w.stride(1) == 1;
+}
+
+at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
+                              at::ScalarType out_dtype) {
+  TORCH_CHECK(decode_supported(x2, w), "decode_linear_bf16: unsupported arguments");
+  at::Tensor y = at::empty({x2.size(0), w.size(0)}, x2.options().dtype(out_dtype));
+#if LOWRANK_HAVE_AVX512_KERNELS
+  const at::Tensor bf = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor uu = u.has_value() ? u->contiguous() : at::Tensor();
+  const at::Tensor vv = v.has_value() ? v->contiguous() : at::Tensor();
+  const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
+  const auto run = [&](auto out_tag) {
+    using Out = decltype(out_tag);
+    switch (x2.size(0)) {
+      case 1: decode_impl<1, Out>(x2, w, b, uu, vv, y); break;
+      case 2: decode_impl<2, Out>(x2, w, b, uu, vv, y); break;
+      default: decode_impl<3, Out>(x2, w, b, uu, vv, y); break;
+    }
+  };
+  if (out_dtype == at::kFloat) {
+    run(float{});
+  } else {
+    TORCH_CHECK(out_dtype == at::kBFloat16, "decode_linear_bf16: out_dtype must be float32 or bfloat16");
+    run(c10::BFloat16{});
+  }
+#endif
+  return y;
 }
 
 }  // namespace lowrank::cpu
