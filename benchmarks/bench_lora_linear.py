@@ -15,7 +15,8 @@ Modes:
                lora_b (set to None before each step, as ``zero_grad()`` does). The bare Linear computes its
                forward and dx GEMMs: the floor LoRA training is measured against.
 Shapes T×in×out: BERT-base attention (2048×768×768) and FFN (2048×768×3072), a 7B-class projection at prefill
-(512×4096×4096) and at decode (8×4096×4096). The arithmetic floor of each shape is printed by report.py.
+(512×4096×4096) and at decode (8×4096×4096, and one token: 1×4096×4096). The arithmetic floor of each shape
+is printed by report.py.
 
     pytest benchmarks --benchmark-disable          # CI smoke: every case once
     python benchmarks/report.py --run              # timed run + ratio table
