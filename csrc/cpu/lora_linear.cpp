@@ -4,9 +4,11 @@
 // Order of work in the forward, and why: the base GEMM writes a fresh output once with the bias in its epilogue
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
-// B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit (except the bf16 decode
-// path of 1–3 tokens, one fused pass over W and B that sums in another order; see decode_linear_bf16). No output-sized temporary is allocated, and the whole layer is one dispatcher call,
-// which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) stays on ATen's double GEMMs.
+// B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit, except where the base
+// GEMM is not the one F.linear uses (fp32 at 2–64 tokens of large weights: oneDNN; bf16 at 1–3 tokens: the fused
+// decode pass), which sum in another order. No output-sized temporary is allocated, and the whole layer is one
+// dispatcher call, which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) stays on ATen's
+// double GEMMs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

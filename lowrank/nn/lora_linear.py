@@ -3,7 +3,9 @@
     y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ,    s = alpha / r
 
 Shapes: weight W [out, in], bias b [out], lora_a A [r, in], lora_b B [out, r] (PEFT's ``lora_A`` / ``lora_B``).
-B starts at zero, so a fresh module computes exactly the Linear it was built from.
+B starts at zero, so a fresh module computes the Linear it was built from: bit for bit on the CPU kernel, except
+where it picks another GEMM for speed (bf16 with 1–3 tokens; fp32 with 2–64 tokens of weights ≥ 4 M elements),
+where it agrees to the GEMM's rounding.
 """
 from __future__ import annotations
 

@@ -51,6 +51,15 @@ def test_forward_matches_reference(backend, dtype, shape, bias):
     assert_matches_oracle(y, reference, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 65])
+def test_forward_large_weight_few_tokens(dtype, tokens):
+    """The token/size regimes where the CPU kernel picks another base GEMM (oneDNN, the fused decode pass)."""
+    args = make_inputs((tokens,), 2048, 2049, 5, dtype) + [0.5]
+    y = lora_linear(*args, backend="cpp")
+    assert_matches_oracle(y, reference, args)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
