@@ -7,8 +7,8 @@
 // B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit, except where the base
 // GEMM is not the one F.linear uses (fp32 at 2–64 tokens of large weights: oneDNN; bf16 at 1–3 tokens: the fused
 // decode pass), which sum in another order. No output-sized temporary is allocated, and the whole layer is one
-// dispatcher call, which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) stays on ATen's
-// double GEMMs.
+// dispatcher call, which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) runs the same steps
+// on ATen's double GEMMs (cpu/lowrank_kernels.h keeps its intermediates in fp64).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -67,13 +67,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return cpu::decode_linear_bf16(x2, weight, bias, u, lora_b, at::kBFloat16).view(out_shape);
   }
   at::Tensor y = base_linear(x2, weight, bias);
-  if (lora) {
-    if (x.scalar_type() == at::kDouble) {
-      y.addmm_(at::mm(x2, lora_a.t()), lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
-    } else {
-      cpu::expand_add_(y, cpu::shrink(x2, lora_a, scaling), lora_b.t(), std::nullopt);
-    }
-  }
+  if (lora) cpu::expand_add_(y, cpu::shrink(x2, lora_a, scaling), lora_b.t(), std::nullopt);
   return y.view(out_shape);
 }
 
@@ -82,9 +76,6 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, double scaling, std::array<bool, 4> output_mask) {
-  if (x.scalar_type() == at::kDouble) {
-    return lora_linear_backward_aten(grad_out, x, weight, lora_a, lora_b, scaling, output_mask);
-  }
   check_lora_linear_args(x, weight, std::nullopt, lora_a, lora_b);
   check_lora_linear_grad(grad_out, x, weight);
   const auto in = weight.size(1), out = weight.size(0);
@@ -92,7 +83,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
   const at::Tensor g2 = grad_out.reshape({-1, out});
   const at::Tensor x2 = x.reshape({-1, in});
   OptTensor dx, dw, da, db;
-  at::Tensor gb;  // s·(g·B) in fp32 [T, r], shared by dx and dA
+  at::Tensor gb;  // s·(g·B) in fp32 (fp64 for fp64) [T, r], shared by dx and dA
   if (output_mask[0] || output_mask[2]) gb = cpu::shrink(g2, lora_b.t(), scaling);
   if (output_mask[0]) {
     at::Tensor d = at::mm(g2, weight);

@@ -160,17 +160,20 @@ bool use_avx512(const at::Tensor& y) {
 }  // namespace
 
 at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale) {
-  at::Tensor h = at::mm(x2, m.t()).to(at::kFloat).contiguous();
+  at::Tensor h = at::mm(x2, m.t());
+  // Reduced precision widens to fp32; fp64 (the gradcheck dtype) stays fp64 so every product keeps its precision.
+  h = (h.scalar_type() == at::kDouble ? h : h.to(at::kFloat)).contiguous();
   return scale == 1.0 ? h : h.mul_(scale);
 }
 
 void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(y.dim() == 2 && h.dim() == 2 && n.dim() == 2 && h.size(0) == y.size(0) && h.size(1) == n.size(0) &&
-                  n.size(1) == y.size(1) && h.scalar_type() == at::kFloat && h.is_contiguous(),
+                  n.size(1) == y.size(1) && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble) &&
+                  h.is_contiguous(),
               "expand_add_: bad arguments");
   const bool has_bias = bias.has_value() && bias->defined();
   if (y.size(0) == 0) return;
-  if (!use_avx512(y)) {
+  if (!use_avx512(y) || h.scalar_type() != at::kFloat) {
     y.addmm_(h.to(y.scalar_type()), n);
     if (has_bias) y.add_(*bias);
     return;

@@ -1,6 +1,6 @@
 // Rank-r building blocks of the LoRA-style ops on the CPU:
-//   shrink:      H[t, k] = s · Σ_i X[t, i] · M[k, i]            X [T, K], M [r, K] → H [T, r] fp32
-//   expand_add_: Y[t, n] += bias[n] + Σ_k H[t, k] · N[k, n]     H [T, r] fp32, N [r, Nout], Y [T, Nout] in place
+//   shrink:      H[t, k] = s · Σ_i X[t, i] · M[k, i]            X [T, K], M [r, K] → H [T, r] fp32 (fp64 for fp64)
+//   expand_add_: Y[t, n] += bias[n] + Σ_k H[t, k] · N[k, n]     H [T, r] fp32/fp64, N [r, Nout], Y [T, Nout] in place
 // Why this split: the base GEMM writes a fresh output with beta = 0, the fastest form oneDNN/MKL have (measured
 // on this CPU, bf16: F.linear, which first fills the output with the bias and then accumulates, costs 1.16–1.20×
 // a plain mm into the same shape), and the rank-r term plus bias is then added in one pass over the output.
@@ -18,10 +18,10 @@ namespace lowrank::cpu {
 // Whether this CPU runs the AVX-512 BF16 kernels (checked once from CPUID).
 bool has_avx512_bf16();
 
-// H = scale · X · Mᵀ in fp32.  X [T, K], M [r, K].  Returns [T, r] fp32 contiguous.
+// H = scale · X · Mᵀ in fp32 (fp64 when X is fp64).  X [T, K], M [r, K].  Returns [T, r] contiguous.
 at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale = 1.0);
 
-// Y += bias + H · N in place.  Y [T, Nout] (unit column stride), H [T, r] fp32, N [r, Nout], bias [Nout] or none.
+// Y += bias + H · N in place.  Y [T, Nout], H [T, r] fp32 or fp64 (from shrink), N [r, Nout], bias [Nout] or none.
 void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const std::optional<at::Tensor>& bias);
 
 // Decode (few tokens), bf16: y = bias + x·Wᵀ + u·Vᵀ in one pass over the weights, where u·Vᵀ is an optional second
