@@ -59,7 +59,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   out_shape.back() = out;
   const at::Tensor x2 = x.reshape({-1, in});
   const bool lora = x2.size(0) > 0 && scaling != 0.0;
-  if (cpu::decode_supported(x2, weight) && scaling != 0.0 && lora_a.stride(1) == 1 && lora_b.stride(1) == 1) {
+  if (lora && cpu::decode_supported(x2, weight) && lora_a.stride(1) == 1 && lora_b.stride(1) == 1) {
     // Decode: u = s·x·Aᵀ (rounded to bf16, as the unfused layer's h is), then bias + x·Wᵀ + u·Bᵀ in one pass.
     const at::Tensor u = cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt, at::kFloat)
                              .mul_(scaling)
