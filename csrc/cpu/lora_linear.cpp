@@ -51,6 +51,10 @@ at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }
 
+// Up to this many tokens the whole layer is one fused pass over W (cpu/lowrank_kernels.h); past it the pass's
+// re-reads of x (T·K per block of 4 output rows) cost more than oneDNN's base GEMM.
+constexpr int64_t kFusedDecodeMaxT = 4;
+
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling) {
   check_lora_linear_args(x, weight, bias, lora_a, lora_b);
@@ -59,7 +63,8 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   out_shape.back() = out;
   const at::Tensor x2 = x.reshape({-1, in});
   const bool lora = x2.size(0) > 0 && scaling != 0.0;
-  if (lora && cpu::decode_supported(x2, weight) && lora_a.stride(1) == 1 && lora_b.stride(1) == 1) {
+  const bool decode = lora && cpu::decode_supported(x2, lora_a) && lora_b.stride(1) == 1;
+  if (decode && x2.size(0) <= kFusedDecodeMaxT) {
     // Decode: u = s·x·Aᵀ (rounded to bf16, as the unfused layer's h is), then bias + x·Wᵀ + u·Bᵀ in one pass.
     const at::Tensor u = cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt, at::kFloat)
                              .mul_(scaling)
@@ -67,7 +72,13 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return cpu::decode_linear_bf16(x2, weight, bias, u, lora_b, at::kBFloat16).view(out_shape);
   }
   at::Tensor y = base_linear(x2, weight, bias);
-  if (lora) cpu::expand_add_(y, cpu::shrink(x2, lora_a, scaling), lora_b.t(), std::nullopt);
+  if (lora) {
+    // A few tokens: the rank-r shrink through at::mm costs ~130 µs of oneDNN call overhead, more than its work.
+    const at::Tensor h = decode ? cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt,
+                                                          at::kFloat).mul_(scaling)
+                                : cpu::shrink(x2, lora_a, scaling);
+    cpu::expand_add_(y, h, lora_b.t(), std::nullopt);
+  }
   return y.view(out_shape);
 }
 

@@ -20,6 +20,7 @@ namespace {
 constexpr int64_t L = 16;   // fp32 lanes of an AVX-512 register
 constexpr int64_t RB = 4;   // rows of a register tile
 constexpr int64_t CV = 4;   // registers per tile row (64 columns)
+constexpr int kDecodeMaxT = 8;  // most tokens the decode kernel takes (see decode_supported for why)
 
 }  // namespace
 
@@ -99,28 +100,24 @@ void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np,
   });
 }
 
-// Up to 3 tokens: measured against F.linear with the LoRA term included, bf16: 0.66× at T = 1, 0.82× at 2, 0.90×
-// at 3 (4096×4096), but 1.06× at 4 and 1.6× at 8, where the dot products, not the weight stream, bound it.
-constexpr int64_t kDecodeMaxT = 3;
-constexpr int64_t NB = 2;  // output rows per register tile of the decode kernel
-
-// acc[t][j] += Σ_i x[t, i] · w[n + j, i] over i < K, in bf16 pairs with fp32 accumulation.
-template <int TT>
+// acc[t][j] += Σ_i x[t, i] · w[n + j, i] over i < K, in bf16 pairs with fp32 accumulation. NB rows of W are
+// streamed together so each x chunk loaded serves NB dot products; TT·NB accumulators stay in registers.
+template <int TT, int NB>
 LOWRANK_AVX512 inline void dot_tile(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t ldw,
-                                    int64_t K, int64_t nb, __m512 (&acc)[kDecodeMaxT][NB]) {
+                                    int64_t K, int64_t nb, __m512 (&acc)[TT][NB]) {
   for (int64_t i = 0; i < K; i += 32) {
     const __mmask32 m = K - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - i)) - 1u);
     __m512i wv[NB];
-    for (int64_t j = 0; j < NB; ++j)
+    for (int j = 0; j < NB; ++j)
       wv[j] = j < nb ? _mm512_maskz_loadu_epi16(m, w + j * ldw + i) : _mm512_setzero_si512();
     for (int t = 0; t < TT; ++t) {
       const __m512i xv = _mm512_maskz_loadu_epi16(m, x + t * ldx + i);
-      for (int64_t j = 0; j < NB; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], (__m512bh)xv, (__m512bh)wv[j]);
+      for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_dpbf16_ps(acc[t][j], (__m512bh)xv, (__m512bh)wv[j]);
     }
   }
 }
 
-template <int TT, typename Out>
+template <int TT, int NB, typename Out>
 void decode_impl(const at::Tensor& x2, const at::Tensor& w, const float* bias, const at::Tensor& u,
                  const at::Tensor& v, at::Tensor& y) {
   const int64_t N = w.size(0), K = w.size(1), ldx = x2.stride(0), ldw = w.stride(0), ldy = y.stride(0);
@@ -132,15 +129,15 @@ void decode_impl(const at::Tensor& x2, const at::Tensor& w, const float* bias, c
   const c10::BFloat16* V = two ? v.const_data_ptr<c10::BFloat16>() : nullptr;
   const int64_t ldu = two ? u.stride(0) : 0, ldv = two ? v.stride(0) : 0;
   Out* Y = y.mutable_data_ptr<Out>();
-  at::parallel_for(0, (N + NB - 1) / NB, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (N + NB - 1) / NB, 64 / NB, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * NB, nb = std::min(NB, N - n);
+      const int64_t n = b * NB, nb = std::min<int64_t>(NB, N - n);
       [&]() LOWRANK_AVX512 {
-        __m512 acc[kDecodeMaxT][NB];
-        for (int t = 0; t < kDecodeMaxT; ++t)
-          for (int64_t j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_ps();
-        dot_tile<TT>(X, ldx, W + n * ldw, ldw, K, nb, acc);
-        if (two) dot_tile<TT>(U, ldu, V + n * ldv, ldv, r, nb, acc);
+        __m512 acc[TT][NB];
+        for (int t = 0; t < TT; ++t)
+          for (int j = 0; j < NB; ++j) acc[t][j] = _mm512_setzero_ps();
+        dot_tile<TT, NB>(X, ldx, W + n * ldw, ldw, K, nb, acc);
+        if (two) dot_tile<TT, NB>(U, ldu, V + n * ldv, ldv, r, nb, acc);
         for (int t = 0; t < TT; ++t)
           for (int64_t j = 0; j < nb; ++j) {
             const float val = _mm512_reduce_add_ps(acc[t][j]) + (bias ? bias[n + j] : 0.f);
@@ -149,6 +146,22 @@ void decode_impl(const at::Tensor& x2, const at::Tensor& w, const float* bias, c
       }();
     }
   });
+}
+
+// Row-block width per token count: TT·NB ≤ 16 accumulators, leaving registers for the W and x vectors.
+template <typename Out>
+void decode_dispatch(const at::Tensor& x2, const at::Tensor& w, const float* b, const at::Tensor& u,
+                     const at::Tensor& v, at::Tensor& y) {
+  switch (x2.size(0)) {
+    case 1: decode_impl<1, 4, Out>(x2, w, b, u, v, y); break;
+    case 2: decode_impl<2, 4, Out>(x2, w, b, u, v, y); break;
+    case 3: decode_impl<3, 4, Out>(x2, w, b, u, v, y); break;
+    case 4: decode_impl<4, 4, Out>(x2, w, b, u, v, y); break;
+    case 5: decode_impl<5, 3, Out>(x2, w, b, u, v, y); break;
+    case 6: decode_impl<6, 2, Out>(x2, w, b, u, v, y); break;
+    case 7: decode_impl<7, 2, Out>(x2, w, b, u, v, y); break;
+    default: decode_impl<8, 2, Out>(x2, w, b, u, v, y); break;
+  }
 }
 #endif  // LOWRANK_HAVE_AVX512_KERNELS
 
@@ -205,19 +218,11 @@ at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const s
   const at::Tensor uu = u.has_value() ? u->contiguous() : at::Tensor();
   const at::Tensor vv = v.has_value() ? v->contiguous() : at::Tensor();
   const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
-  const auto run = [&](auto out_tag) {
-    using Out = decltype(out_tag);
-    switch (x2.size(0)) {
-      case 1: decode_impl<1, Out>(x2, w, b, uu, vv, y); break;
-      case 2: decode_impl<2, Out>(x2, w, b, uu, vv, y); break;
-      default: decode_impl<3, Out>(x2, w, b, uu, vv, y); break;
-    }
-  };
   if (out_dtype == at::kFloat) {
-    run(float{});
+    decode_dispatch<float>(x2, w, b, uu, vv, y);
   } else {
     TORCH_CHECK(out_dtype == at::kBFloat16, "decode_linear_bf16: out_dtype must be float32 or bfloat16");
-    run(c10::BFloat16{});
+    decode_dispatch<c10::BFloat16>(x2, w, b, uu, vv, y);
   }
 #endif
   return y;

@@ -27,9 +27,12 @@ void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const 
 // Decode (few tokens), bf16: y = bias + x·Wᵀ + u·Vᵀ in one pass over the weights, where u·Vᵀ is an optional second
 // product with the same output (the LoRA term: u = s·x·Aᵀ [T, r], V = B [out, r]). A GEMV is bound by streaming W,
 // and oneDNN adds ~130 µs of fixed cost per small call; with three calls (x·Aᵀ, base, B-term) that was 15–20%
-// of a 1×4096×4096 layer. Uses AVX512-BF16 dot products (fp32 accumulation) over 2 output rows × T tokens.
-// Requirements (checked by the caller with decode_supported): bf16, 1 ≤ T ≤ 3 (where it is measured to win),
-// unit column strides. Not bit-identical to F.linear (another summation order); within the reference's error.
+// of a 1×4096×4096 layer. Uses AVX512-BF16 dot products (fp32 accumulation) over NB output rows × T tokens held
+// in registers (NB = 4 up to 4 tokens, fewer rows beyond, so T·NB ≤ 16 accumulators). Each block of NB rows
+// re-reads all of x, T·K·N/NB bytes in all, which is why the fused pass stops paying past ~4 tokens (the
+// caller decides; cpu/lora_linear.cpp); up to 8 tokens it is still the cheapest way to form the rank-r shrink.
+// Requirements (checked by decode_supported): bf16, 1 ≤ T ≤ 8, unit column strides. Not bit-identical to
+// F.linear (another summation order); within the reference's error.
 bool decode_supported(const at::Tensor& x2, const at::Tensor& w);
 at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,

@@ -25,7 +25,8 @@ SHAPES = [
     ((255,), 17, 17, 16),
     ((2, 17), 33, 65, 8),
     ((3, 1, 5), 255, 17, 17),
-    ((2,), 1025, 33, 16),      # 1–3 tokens take the bf16 decode kernel on AVX-512 BF16 CPUs; 1025 = 32·32 + 1
+    ((2,), 1025, 33, 16),      # 1–4 tokens take the fused bf16 decode pass on AVX-512 BF16 CPUs; 1025 = 32·32 + 1
+    ((7,), 1025, 35, 9),       # 5–8 tokens: the decode kernel forms only the rank-r shrink
 ]
 
 
@@ -52,7 +53,7 @@ def test_forward_matches_reference(backend, dtype, shape, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("tokens", [1, 3, 8, 65])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 9, 65])
 def test_forward_large_weight_few_tokens(dtype, tokens):
     """The token/size regimes where the CPU kernel picks another base GEMM (oneDNN, the fused decode pass)."""
     args = make_inputs((tokens,), 2048, 2049, 5, dtype) + [0.5]
