@@ -2,8 +2,8 @@
 estimate.
 
 For A ``[..., m, n]`` (a tensor or a matrix-free :class:`~lowrank.linalg.operators.LinearOperator`), rank k,
-oversampling p (default max(10, ⌈k/2⌉): see DEFAULT_OVERSAMPLE) and q power iterations (default 2), with
-l = min(k + p, m, n):
+oversampling p (default max(10, ⌈k/2⌉): see DEFAULT_OVERSAMPLE) and q power iterations (default "auto":
+see AUTO_ITERATIONS), with l = min(k + p, m, n):
 
     Ω ~ N(0, 1)^{n×l}        one draw shared by every batch element, so A·Ω is one (batch·m)×n×l GEMM
     Q = N(A·Ω)
@@ -46,13 +46,29 @@ import torch
 from lowrank.linalg.operators import LinearOperator, aslinearoperator
 from lowrank.reference.rsvd import fix_signs, gaussian_test_matrix
 
-__all__ = ["rsvd", "rsvd_error", "RSVDResult", "NORMALIZERS", "EXACT_FRACTION", "SMALL_DIM",
+__all__ = ["rsvd", "rsvd_error", "RSVDResult", "NORMALIZERS", "EXACT_FRACTION", "SMALL_DIM", "AUTO_TOL",
            "default_oversample"]
 
 NORMALIZERS = ("qr", "lu", "cholqr2")
 EXACT_FRACTION = 0.5  # exact SVD when k + oversample >= EXACT_FRACTION * min(m, n) ...
 SMALL_DIM = 32        # ... or when min(m, n) <= SMALL_DIM
 _METHODS = ("auto", "randomized", "exact")
+AUTO_MIN_ITER = 2     # n_iter="auto": at least this many power iterations ...
+AUTO_MAX_ITER = 8     # ... at most this many ...
+AUTO_TOL = 5e-3       # ... stopping once no leading singular value estimate moves by more than AUTO_TOL·σ̂_k
+
+AUTO_ITERATIONS = """n_iter="auto": power iterations until the k leading singular value estimates settle.
+
+A fixed q = 2 is enough for decaying spectra (σᵢ = 1/i, 4096², k = 64: ‖A − U·S·Vh‖₂/σ_{k+1} = 1.0001) but not
+for the flat spectra of trained weights: on the 36 Linear weights of all-MiniLM-L6-v2 (σ_max/σ_median ≈ 5)
+q = 2 left 1.090 (k = 16) and 1.068 (k = 64), q = 4 still 1.030 / 1.018. The iteration already forms Aᵀ·Q with
+an orthonormal Q, whose singular values are the current estimates σ̂; computing them costs an n×l SVD, small
+next to the two m×n×l products of an iteration. After iteration i ≥ AUTO_MIN_ITER the loop stops when
+max_{j≤k} |σ̂ⱼ⁽ⁱ⁾ − σ̂ⱼ⁽ⁱ⁻¹⁾| ≤ AUTO_TOL·σ̂ₖ⁽ⁱ⁾, and at AUTO_MAX_ITER in any case; that Aᵀ·Q is then reused as the
+final Bᵀ, so stopping costs no extra product. Measured (error/optimal at the stop): MiniLM worst layer
+k = 16: 1.007 after 7 iterations, k = 64: ≤ 1.004; 1/i spectrum 1024², k = 16/64: 1.0000 after 3.
+``RSVDResult.n_iter`` reports how many ran; a batch runs one count, until every element has settled.
+"""
 
 DEFAULT_OVERSAMPLE = """Default oversampling p = max(10, ⌈k/2⌉) with n_iter = 2.
 
@@ -76,17 +92,19 @@ class RSVDResult(tuple):
     """Result of :func:`rsvd`: unpacks like ``torch.linalg.svd`` as ``U, S, Vh = rsvd(A, k)``.
 
     ``U [..., m, k]``, ``S [..., k]`` (descending), ``Vh [..., k, n]``. Attributes: ``method`` is "exact" or
-    "randomized"; ``notes`` lists every fallback taken (e.g. CholeskyQR2 → QR) with its reason, empty when none.
+    "randomized"; ``n_iter`` the power iterations run (0 for exact); ``notes`` lists every fallback taken (e.g. CholeskyQR2 → QR) with its reason, empty when none.
     """
 
     method: str
     notes: tuple[str, ...]
+    n_iter: int
 
     def __new__(cls, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, method: str,
-                notes: tuple[str, ...] = ()) -> "RSVDResult":
+                notes: tuple[str, ...] = (), n_iter: int = 0) -> "RSVDResult":
         self = super().__new__(cls, (U, S, Vh))
         self.method = method
         self.notes = tuple(notes)
+        self.n_iter = n_iter
         return self
 
     @property
@@ -103,7 +121,7 @@ class RSVDResult(tuple):
 
     def __repr__(self) -> str:
         return (f"RSVDResult(U={tuple(self.U.shape)}, S={tuple(self.S.shape)}, Vh={tuple(self.Vh.shape)}, "
-                f"method={self.method!r}, notes={self.notes!r})")
+                f"method={self.method!r}, n_iter={self.n_iter}, notes={self.notes!r})")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -222,6 +240,13 @@ def _normalize(y: torch.Tensor, normalizer: str, notes: list[str], where: str, f
 
 
 # ------------------------------------------------------------------------------------------------ rsvd
+def _settled(s_prev: torch.Tensor, s_cur: torch.Tensor, k: int) -> bool:
+    """Whether every leading estimate moved by at most AUTO_TOL·σ̂ₖ (AUTO_ITERATIONS); a zero A is settled."""
+    scale = s_cur[..., k - 1:k].clamp_min(torch.finfo(s_cur.dtype).eps * s_cur[..., :1].clamp_min(
+        torch.finfo(s_cur.dtype).tiny))
+    return bool(((s_cur[..., :k] - s_prev[..., :k]).abs() <= AUTO_TOL * scale).all())
+
+
 def _dense(op) -> torch.Tensor:
     if hasattr(op, "dense"):
         return op.dense()
@@ -230,7 +255,8 @@ def _dense(op) -> torch.Tensor:
     return op.matmul(eye.expand(*batch, n, n))
 
 
-def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None = None, n_iter: int = 2,
+def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None = None,
+         n_iter: int | str = "auto",
          normalizer: str = "qr", generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
          method: str = "auto") -> RSVDResult:
     """Rank-``rank`` truncated SVD A ≈ U·diag(S)·Vh by randomized subspace iteration (module docstring).
@@ -240,7 +266,8 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
         rank: k, 1 ≤ k ≤ min(m, n): exactly k triplets are returned.
         oversample: p ≥ 0 extra sketch columns (l = min(k + p, m, n)); default None = max(10, ⌈k/2⌉), see
             DEFAULT_OVERSAMPLE.
-        n_iter: q ≥ 0 power (subspace) iterations; each costs two products with A.
+        n_iter: q ≥ 0 power (subspace) iterations, each costing two products with A; default "auto":
+            iterate until the leading singular values settle (AUTO_ITERATIONS).
         normalizer: "qr" | "lu" | "cholqr2": how the intermediate panels are re-normalized.
         generator: torch.Generator for the Gaussian test matrix (reproducible results).
         dtype: compute and result dtype (float32 / float64); default A's dtype, float32 for bf16/fp16.
@@ -262,7 +289,10 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
     if rank > min(m, n):
         raise ValueError(f"rank must be <= min(m, n) = {min(m, n)} for A of shape {shape}, got {rank}")
     oversample = default_oversample(rank) if oversample is None else _check_int("oversample", oversample, 0)
-    n_iter = _check_int("n_iter", n_iter, 0)
+    auto_iter = isinstance(n_iter, str)
+    if auto_iter and n_iter != "auto":
+        raise ValueError(f"n_iter must be a non-negative integer or 'auto', got {n_iter!r}")
+    n_iter = AUTO_MAX_ITER if auto_iter else _check_int("n_iter", n_iter, 0)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     if method not in _METHODS:
@@ -286,17 +316,32 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
     device = getattr(op, "device", torch.device("cpu"))
     omega = gaussian_test_matrix(n, l, cdtype, device, generator)
     y = _check_finite(op.matmul(omega), "the sketch A·Ω")
+    bt, s_prev, done = None, None, n_iter
     for i in range(n_iter):
-        q = _normalize(y, normalizer, notes, f"A·Q (iteration {i})", final=False)
-        z = _normalize(op.rmatmul(q), normalizer, notes, f"Aᵀ·Q (iteration {i + 1})", final=False)
+        if auto_iter and normalizer == "lu":   # the estimates need an orthonormal basis, which LU does not give
+            q = _qr(y)
+        else:
+            q = _normalize(y, normalizer, notes, f"A·Q (iteration {i})", final=False)
+        if auto_iter:
+            bt = op.rmatmul(q)
+            s_cur = torch.linalg.svdvals(bt)
+            if i >= AUTO_MIN_ITER and _settled(s_prev, s_cur, rank):
+                done = i
+                break
+            s_prev = s_cur
+            z = _normalize(bt, normalizer, notes, f"Aᵀ·Q (iteration {i + 1})", final=False)
+            bt = None
+        else:
+            z = _normalize(op.rmatmul(q), normalizer, notes, f"Aᵀ·Q (iteration {i + 1})", final=False)
         y = op.matmul(z)
-    q = _normalize(y, normalizer, notes, "final", final=True)
-    bt = op.rmatmul(q)                                              # Bᵀ = Aᵀ·Q  [..., n, l]
+    if bt is None:
+        q = _normalize(y, normalizer, notes, "final", final=True)
+        bt = op.rmatmul(q)                                          # Bᵀ = Aᵀ·Q  [..., n, l]
     w, s, xh = torch.linalg.svd(bt, full_matrices=False)           # Bᵀ = W·Σ·Xᵀ  =>  B = X·Σ·Wᵀ
     u = q @ xh[..., :rank, :].mT
     vh = w[..., :, :rank].mT
     u, vh = fix_signs(u, vh)
-    return RSVDResult(u, s[..., :rank], vh.contiguous(), "randomized", tuple(notes))
+    return RSVDResult(u, s[..., :rank], vh.contiguous(), "randomized", tuple(notes), done)
 
 
 # ---------------------------------------------------------------------------------------------- error

