@@ -1,6 +1,7 @@
 """Drop-in modules over lowrank ops."""
 from lowrank.nn.lora_linear import LoRALinear
+from lowrank.nn.low_rank_linear import LowRankLinear
 from lowrank.nn.peft import apply_lora, from_peft, load_peft_state_dict, save_peft_adapter, to_peft_state_dict
 
-__all__ = ["LoRALinear", "apply_lora", "from_peft", "load_peft_state_dict", "save_peft_adapter",
+__all__ = ["LoRALinear", "LowRankLinear", "apply_lora", "from_peft", "load_peft_state_dict", "save_peft_adapter",
            "to_peft_state_dict"]
