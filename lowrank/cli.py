@@ -399,6 +399,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the run (default: torch's)")
     p.add_argument("--no-peft", action="store_true", help="leave PEFT out even if it is installed")
+    from lowrank.compress import cli as compress_cli
+    compress_cli.add_parser(sub)
     return parser
 
 
@@ -426,6 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     threads=args.threads if args.threads is not None or not args.quick else 1,
                     with_peft=False if args.no_peft else None)
         return 0 if all(row["ok"] for row in rows) else 2
+    if args.command == "compress":
+        from lowrank.compress import cli as compress_cli
+        try:
+            return compress_cli.run(args)
+        except ValueError as e:
+            parser.error(str(e))
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse rejects unknown subcommands
     return 2
 

