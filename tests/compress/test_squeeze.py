@@ -20,17 +20,6 @@ from lowrank.reference.squeeze import truncated_delta
 OPT_RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's LAPACK calls on one thread. This project's test machines have 2 cores shared with
-    other jobs; there, 2 OpenMP threads on a busy core pair were measured up to 50× slower (the dense
-    reference SVDs of the MiniLM test: 130 s vs 2.3 s), while one thread loses little at these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_factors(m: int, n: int, r: int, *, batch: tuple[int, ...] = (), dtype=torch.float64,
                  decay: float = 0.8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A [..., r, n], B [..., m, r], σ [p]) with ΔW = B·A = U₀·diag(σ)·V₀ᵀ, σᵢ = decayⁱ, p = min(m, n, r)."""

@@ -19,17 +19,6 @@ from lowrank.nn import LoRALinear
 from lowrank.reference.squeeze import truncated_delta
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's LAPACK calls on one thread. This project's test machines have 2 cores shared with
-    other jobs; there, 2 OpenMP threads on a busy core pair were measured up to 50× slower (the dense
-    reference SVDs of the MiniLM test: 130 s vs 2.3 s), while one thread loses little at these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layer(n_in=24, n_out=20, r=8, alpha=16.0, seed=0, dtype=torch.float64) -> LoRALinear:
     torch.manual_seed(seed)
     layer = LoRALinear(n_in, n_out, r, alpha, dtype=dtype)

@@ -30,17 +30,6 @@ SENTENCES = ["A low-rank update is cheap to train.", "The cat sat on the mat, an
 REL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module's LAPACK calls on one thread. This project's test machines have 2 cores shared with
-    other jobs; there, 2 OpenMP threads on a busy core pair were measured up to 50× slower (the dense
-    reference SVDs of the MiniLM test: 130 s vs 2.3 s), while one thread loses little at these sizes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def minilm():
     """(path, base model in eval mode, tokenized batch); offline, nothing is downloaded."""
