@@ -18,11 +18,17 @@ on the pooled sentence embedding, the model's actual output. (With the default, 
 greedy scored 0.000–0.009 lower in cosine on 150 documents, still above uniform everywhere.) Without
 calibration, greedy probes with random-token sequences (no data) and every method factorizes by plain SVD.
 
-Extra metrics (e.g. nDCG@10 of BM25 top-100 reranking) plug in through ``run(..., metrics={name: fn})`` with
-``fn(model, tokenizer) -> float``; each is evaluated for the uncompressed model and for every configuration.
+Extra metrics plug in through ``run(..., metrics={name: fn})`` with ``fn(model, tokenizer) -> float``; each is
+evaluated for the uncompressed model and for every configuration. The CLI wires in ``ndcg@10`` (unless
+``--ndcg-queries 0``): nDCG@10 on the SciFact test queries of reranking BM25's top ``--ndcg-depth`` documents by
+the (compressed) MiniLM's cosine, with the ``lowrank.rerank`` stack (``load_beir``, ``BM25Retriever``,
+``Encoder.from_model``, ``EmbeddingReranker``, ``evaluate``). ``--ndcg-queries N`` evaluates a fixed seeded
+sample of N of the 300 test queries (all when N ≥ 300); BM25 alone and the uncompressed model are reported on the
+same subset as reference rows. The union of all candidate documents is encoded once per model (length-sorted
+batches), then each query is scored from that cache.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compress_minilm.py [--budgets 0.9 0.7 0.5] [--n-eval 500]
-      [--threads 1]
+      [--threads 1] [--ndcg-queries 300 --ndcg-depth 100] [--configs 0.7:none:greedy ...]
 Skips with a message (exit 0) when the data or the model package is absent.
 """
 from __future__ import annotations
@@ -139,11 +145,64 @@ def scifact_texts(n_eval: int = 500, n_calib: int = 512, seed: int = 0) -> tuple
     return eval_texts, claims + sentences
 
 
+class RerankNDCG:
+    """``fn(model, tokenizer) -> nDCG@10`` of reranking BM25's top ``depth`` on a fixed SciFact query subset.
+
+    BM25 (``lowrank.rerank.BM25Retriever``, its defaults) runs once at construction; ``bm25_ndcg`` is BM25
+    alone on the same queries, ``n_docs`` the number of distinct candidate documents each model encodes.
+    """
+
+    def __init__(self, n_queries: int = 300, depth: int = 100, *, seed: int = 0, data: Path = DATA,
+                 log: Callable[[str], None] = print) -> None:
+        from lowrank.rerank import BM25Retriever, evaluate, load_beir
+
+        if n_queries < 1 or depth < 10:
+            raise ValueError(f"need n_queries >= 1 and depth >= 10, got {n_queries}, {depth}")
+        ds = load_beir(data)
+        qids = list(ds.queries)  # file order
+        if n_queries < len(qids):
+            picked = set(random.Random(seed).sample(qids, n_queries))
+            qids = [q for q in qids if q in picked]
+        self.dataset = ds.subset(qids)
+        self.depth, self.log = depth, log
+        t0 = time.perf_counter()
+        self.candidates = BM25Retriever(ds).retrieve(self.dataset.queries, k=depth)
+        self.bm25_ndcg = evaluate(self.dataset.qrels, self.candidates)["ndcg@10"]
+        self.doc_ids = list(dict.fromkeys(d for hits in self.candidates.values() for d, _ in hits[:depth]))
+        self.n_queries, self.n_docs = len(qids), len(self.doc_ids)
+        log(f"# nDCG@10: {self.n_queries} SciFact test queries (seed {seed}), BM25 top {depth}: "
+            f"{self.n_docs} distinct candidate documents; BM25 alone nDCG@10 {self.bm25_ndcg:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+
+    def __call__(self, model: nn.Module, tokenizer) -> float:
+        import warnings
+
+        from lowrank.rerank import DataWarning, EmbeddingReranker, Encoder, evaluate
+
+        t0 = time.perf_counter()
+        encoder = Encoder.from_model(model, tokenizer, name=f"minilm@{id(model):x}", max_seq_length=MAX_SEQ_LENGTH)
+        reranker = EmbeddingReranker(encoder)  # a fresh cache per model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)  # "N texts truncated": expected at 256 tokens
+            reranker.embed_docs(self.dataset, self.doc_ids)  # the union, once, length-sorted batches
+            run = reranker.rerank(self.dataset, self.candidates, top_k=self.depth)
+        assert reranker.stats["docs_encoded"] == self.n_docs
+        ndcg = evaluate(self.dataset.qrels, run)["ndcg@10"]
+        self.log(f"#   nDCG@10 {ndcg:.4f} ({self.n_docs} docs + {self.n_queries} queries encoded in "
+                 f"{time.perf_counter() - t0:.0f} s)")
+        return ndcg
+
+
 def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("greedy", "welore", "uniform"),
         calibrations: Sequence[str] = ("none", "calib"), *, n_eval: int = 500, n_calib: int = 512,
         metrics: Mapping[str, Callable[[nn.Module, object], float]] | None = None,
+        configs: Sequence[tuple[float, str, str]] | None = None,
         log: Callable[[str], None] = print) -> list[dict]:
-    """The benchmark loop; returns one row per configuration (plus the uncompressed baseline)."""
+    """The benchmark loop; returns one row per configuration (plus the uncompressed baseline).
+
+    ``configs``: explicit (budget, calibration, method) triples run in that order instead of the full grid
+    budgets × calibrations × methods.
+    """
     from lowrank.compress import compress_model
 
     base, tok = load_minilm()
@@ -156,25 +215,28 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
     extra = dict(metrics or {})
     rows = [{"budget": 1.0, "method": "uncompressed", "calibration": "-", "params": None, "cosine": 1.0,
              **{k: fn(base, tok) for k, fn in extra.items()}}]
-    for budget in budgets:
-        for calib in calibrations:
-            for method in methods:
-                model = copy.deepcopy(base)
-                t0 = time.perf_counter()
-                report = compress_model(model, budget, method, calib_texts if calib == "calib" else None,
-                                        tokenizer=tok, targets=targets, output_fn=mean_pooled, progress=False)
-                t_comp = time.perf_counter() - t0
-                cos = evaluate_embedding_cosine(model, tok, eval_texts, reference)
-                row = {"budget": budget, "method": method, "calibration": calib,
-                       "params": report.params_after, "params_before": report.params_before,
-                       "ratio": report.ratio,
-                       "model_params": report.model_params_after, "cosine": cos, "seconds": t_comp,
-                       "details": report.details, **{k: fn(model, tok) for k, fn in extra.items()}}
-                rows.append(row)
-                log(f"budget {budget} {calib:>5} {method:>7}: params {report.params_after:,}/"
-                    f"{report.params_before:,} ({report.ratio:.3f}), cosine {cos:.4f}, "
-                    f"compress {t_comp:.0f} s "
-                    + " ".join(f"{k} {row[k]:.4f}" for k in extra))
+    if configs is None:
+        configs = [(b, c, m) for b in budgets for c in calibrations for m in methods]
+    log("# uncompressed: " + " ".join(f"{k} {rows[0][k]:.4f}" for k in extra))
+    for budget, calib, method in configs:
+        t_cfg = time.perf_counter()
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        report = compress_model(model, budget, method, calib_texts if calib == "calib" else None,
+                                tokenizer=tok, targets=targets, output_fn=mean_pooled, progress=False)
+        t_comp = time.perf_counter() - t0
+        cos = evaluate_embedding_cosine(model, tok, eval_texts, reference)
+        row = {"budget": budget, "method": method, "calibration": calib,
+               "params": report.params_after, "params_before": report.params_before,
+               "ratio": report.ratio,
+               "model_params": report.model_params_after, "cosine": cos, "seconds": t_comp,
+               "details": report.details, **{k: fn(model, tok) for k, fn in extra.items()}}
+        rows.append(row)
+        log(f"budget {budget} {calib:>5} {method:>7}: params {report.params_after:,}/"
+            f"{report.params_before:,} ({report.ratio:.3f}), cosine {cos:.4f}, "
+            f"compress {t_comp:.0f} s "
+            + " ".join(f"{k} {row[k]:.4f}" for k in extra)
+            + f" (total {time.perf_counter() - t_cfg:.0f} s)")
     return rows
 
 
@@ -186,8 +248,9 @@ def format_table(rows: Sequence[dict], extra: Sequence[str] = ()) -> str:
     for r in rows:
         params = "-" if r["params"] is None else f"{r['params']:,}"
         ratio = "-" if r["params"] is None else f"{r['ratio']:.3f}"
+        cos = "-" if r.get("cosine") is None else f"{r['cosine']:.4f}"
         lines.append(f"| {r['budget']} | {r['calibration']} | {r['method']} | {params} | {ratio} | "
-                     f"{r['cosine']:.4f} |" + "".join(f" {r[k]:.4f} |" for k in extra))
+                     f"{cos} |" + "".join(" - |" if r.get(k) is None else f" {r[k]:.4f} |" for k in extra))
     return "\n".join(lines)
 
 
@@ -200,7 +263,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-calib", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", type=str, default=None, help="also write the rows to this file")
+    p.add_argument("--ndcg-queries", type=int, default=300,
+                   help="nDCG@10: a fixed seeded sample of this many SciFact test queries (300 = all; 0 = skip)")
+    p.add_argument("--ndcg-depth", type=int, default=100, help="nDCG@10: rerank BM25's top this many (>= 10)")
+    p.add_argument("--ndcg-seed", type=int, default=0, help="seed of the query sample")
+    p.add_argument("--configs", nargs="+", default=None, metavar="BUDGET:CALIB:METHOD",
+                   help="explicit configurations, e.g. 0.7:calib:greedy 0.7:none:uniform (overrides the grid "
+                        "of --budgets × --calibrations × --methods)")
     args = p.parse_args(argv)
+    configs = None
+    if args.configs:
+        configs = []
+        for c in args.configs:
+            try:
+                b, cal, m = c.split(":")
+                configs.append((float(b), cal, m))
+            except ValueError:
+                p.error(f"--configs: {c!r} is not BUDGET:CALIB:METHOD")
+            if cal not in ("none", "calib"):
+                p.error(f"--configs: calibration must be none or calib, got {cal!r}")
     if not (DATA / "corpus.jsonl").is_file():
         print(f"SciFact data not found at {DATA}: skipping")
         return 0
@@ -212,8 +293,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.budgets, args.methods, args.calibrations, n_eval=args.n_eval, n_calib=args.n_calib)
-    print(format_table(rows))
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    metrics: dict[str, Callable[[nn.Module, object], float]] = {}
+    ndcg = None
+    if args.ndcg_queries > 0:
+        try:
+            import bm25s  # noqa: F401
+            import pytrec_eval  # noqa: F401
+        except ImportError as exc:
+            log(f"nDCG@10 skipped (rerank extras missing): {exc}")
+        else:
+            ndcg = RerankNDCG(args.ndcg_queries, args.ndcg_depth, seed=args.ndcg_seed, log=log)
+            metrics["ndcg@10"] = ndcg
+    t0 = time.perf_counter()
+    rows = run(args.budgets, args.methods, args.calibrations, n_eval=args.n_eval, n_calib=args.n_calib,
+               metrics=metrics, configs=configs, log=log)
+    if ndcg is not None:
+        rows.insert(0, {"budget": "-", "method": f"BM25 alone (top {ndcg.depth})", "calibration": "-",
+                        "params": None, "cosine": None, "ndcg@10": ndcg.bm25_ndcg})
+    log(f"# wall time {time.perf_counter() - t0:.0f} s")
+    print(format_table(rows, list(metrics)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1, default=str)

@@ -43,7 +43,6 @@ of thin factors is textbook numerical linear algebra.
 from __future__ import annotations
 
 import numbers
-import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,7 +50,7 @@ import torch
 from torch import nn
 
 from lowrank.linalg import FactoredOperator, rsvd
-from lowrank.linalg.rsvd import default_oversample
+from lowrank.linalg.rsvd import _check_int, default_oversample
 from lowrank.nn.lora_linear import LoRALinear
 from lowrank.nn.peft import _alpha_for
 
@@ -98,15 +97,7 @@ class SqueezeResult(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_rank(rank: object, name: str = "rank") -> int:
-    if isinstance(rank, bool):
-        raise TypeError(f"{name} must be an integer, got bool {rank!r}")
-    try:
-        value = operator.index(rank)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(rank).__name__} {rank!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return _check_int(name, rank, 1)
 
 
 def _check_fraction(value: object, name: str) -> float:
