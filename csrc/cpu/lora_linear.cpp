@@ -33,7 +33,9 @@ const c10::OperatorHandle* onednn_linear_op() {
 }
 
 bool use_onednn_base(const at::Tensor& x2, const at::Tensor& weight) {
-  if (onednn_linear_op() == nullptr || !cpu::has_avx512_bf16()) return false;
+  // A strided weight (the W block of LoRALinear's joint buffer) would be copied into a contiguous one on every
+  // call; at::mm/addmm read it in place (leading dimension = row stride).
+  if (onednn_linear_op() == nullptr || !cpu::has_avx512_bf16() || !weight.is_contiguous()) return false;
   if (x2.scalar_type() == at::kBFloat16) return true;
   const int64_t T = x2.size(0);
   return x2.scalar_type() == at::kFloat && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22);
@@ -43,7 +45,7 @@ bool use_onednn_base(const at::Tensor& x2, const at::Tensor& weight) {
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
   if (use_onednn_base(x2, weight)) {
-    torch::jit::Stack stack{x2.contiguous(), weight.contiguous(), bias, std::string("none"),
+    torch::jit::Stack stack{x2.contiguous(), weight, bias, std::string("none"),
                             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     onednn_linear_op()->callBoxed(&stack);
     return stack.back().toTensor();
@@ -70,6 +72,12 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                              .mul_(scaling)
                              .to(at::kBFloat16);
     return cpu::decode_linear_bf16(x2, weight, bias, u, lora_b, at::kBFloat16).view(out_shape);
+  }
+  if (lora && onednn_linear_op() != nullptr && cpu::augment_supported(x2, lora_a)) {
+    // Joint layout (LoRALinear.pack_()): [x | s·x·Aᵀ]·[W | B]ᵀ is the whole layer as one GEMM of K + r, so the
+    // rank-r expand runs inside oneDNN's micro-kernel instead of as a separate pass over the output.
+    const at::Tensor wj = cpu::joint_weight(weight, lora_b);
+    if (wj.defined()) return base_linear(cpu::augment_bf16(x2, lora_a, scaling), wj, bias).view(out_shape);
   }
   at::Tensor y = base_linear(x2, weight, bias);
   if (lora) {

@@ -163,6 +163,7 @@ void decode_dispatch(const at::Tensor& x2, const at::Tensor& w, const float* b, 
     default: decode_impl<8, 2, Out>(x2, w, b, u, v, y); break;
   }
 }
+
 #endif  // LOWRANK_HAVE_AVX512_KERNELS
 
 bool use_avx512(const at::Tensor& y) {

@@ -38,4 +38,16 @@ at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const s
                               const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
                               at::ScalarType out_dtype);
 
+// Joint layout: weight W [N, K] and lora_b B [N, r] are the two column blocks of one row-major [N, K + r] buffer
+// (LoRALinear.pack_()), so W' = [W | B] is a plain [N, K + r] matrix with no copy. Returns that view, or an
+// undefined tensor when the arguments are not laid out that way.
+at::Tensor joint_weight(const at::Tensor& weight, const at::Tensor& lora_b);
+
+// x' = [x | s·x·Aᵀ] [T, K + r] bf16, the product rounded to bf16 (as an unfused bf16 layer rounds h): one copy of
+// x with the shrink formed while each block of rows is in cache (AMX tiles where the CPU has them, else
+// AVX512-BF16; cpu/augment.cpp). With x'·W'ᵀ = x·Wᵀ + s·(x·Aᵀ)·Bᵀ the whole LoRA layer is then one GEMM of K + r.
+// Requirements (augment_supported): bf16 x and A, unit column strides, AVX512-BF16.
+bool augment_supported(const at::Tensor& x2, const at::Tensor& a);
+at::Tensor augment_bf16(const at::Tensor& x2, const at::Tensor& a, double scale);
+
 }  // namespace lowrank::cpu

@@ -3,6 +3,13 @@
     y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ,    s = alpha / r
 
 Shapes: weight W [out, in], bias b [out], lora_a A [r, in], lora_b B [out, r] (PEFT's ``lora_A`` / ``lora_B``).
+
+Packed layout (the default): W and B are the two column blocks of one row-major [out, in + r] buffer, so
+``weight`` and ``lora_b`` are strided views of it (row stride in + r). The CPU kernel then computes the bf16
+layer as a single GEMM, [x | s·x·Aᵀ]·[W | B]ᵀ, with the rank-r expand inside the GEMM's micro-kernel (see
+``csrc/cpu/augment.cpp``); any other layout is computed correctly, by separate products. ``pack_()`` moves a
+module into that layout (a copy of the weight), ``is_packed`` tells whether it is.
+
 B starts at zero, so a fresh module computes the Linear it was built from: bit for bit on the CPU kernel, except
 where it picks another GEMM for speed (bf16 with 1–3 tokens; fp32 with 2–64 tokens of weights ≥ 4 M elements),
 where it agrees to the GEMM's rounding.
@@ -54,11 +61,12 @@ class LoRALinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
         self.backend = backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=not freeze_base)
+        joint = torch.empty(out_features, in_features + r, **kw)
+        self.weight = nn.Parameter(joint[:, :in_features], requires_grad=not freeze_base)
         self.bias = (nn.Parameter(torch.empty(out_features, **kw), requires_grad=not freeze_base)
                      if bias else None)
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, r, **kw))
+        self.lora_b = nn.Parameter(joint[:, in_features:])
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -78,10 +86,54 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether ``weight`` and ``lora_b`` are the column blocks of one [out, in + r] buffer (see ``pack_``)."""
+        w, b = self.weight, self.lora_b
+        k, r = self.in_features, self.r
+        return (w.dim() == 2 and b.dim() == 2 and w.shape[1] == k and b.shape[1] == r and w.dtype == b.dtype
+                and w.device == b.device and w.stride() == (k + r, 1) and b.stride() == (k + r, 1)
+                and w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and b.storage_offset() == w.storage_offset() + k)
+
+    @torch.no_grad()
+    def pack_(self) -> "LoRALinear":
+        """Move ``weight`` and ``lora_b`` into one row-major [out, in + r] buffer, in place; returns ``self``.
+
+        The Parameter objects stay the same (optimizers and tied modules keep working); their ``.data`` become
+        views of the new buffer, a copy of both, so memory shared with another module is no longer shared. A
+        no-op when already packed. ``.to(...)``/``.cuda()`` keep a packed module packed.
+        """
+        if self.is_packed:
+            return self
+        w, b = self.weight, self.lora_b
+        if b.dtype != w.dtype or b.device != w.device:
+            raise ValueError(f"LoRALinear.pack_: weight ({w.dtype}, {w.device}) and lora_b ({b.dtype}, {b.device}) "
+                             "must share dtype and device")
+        joint = torch.empty(self.out_features, self.in_features + self.r, dtype=w.dtype, device=w.device)
+        joint[:, :self.in_features].copy_(w)
+        joint[:, self.in_features:].copy_(b)
+        self.weight.data = joint[:, :self.in_features]
+        self.lora_b.data = joint[:, self.in_features:]
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module converts each Parameter on its own, which would split the joint buffer.
+        packed = self.is_packed
+        out = super()._apply(fn, recurse)
+        if packed and not self.is_packed and self.weight.dtype == self.lora_b.dtype:
+            self.pack_()
+        return out
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, *, dropout: float = 0.0,
-                    backend: str = "auto", freeze_base: bool = True) -> "LoRALinear":
-        """Wrap ``linear``: the new module shares its weight and bias storage (no copy) and adds fresh factors."""
+                    backend: str = "auto", freeze_base: bool = True, pack: bool = True) -> "LoRALinear":
+        """Wrap ``linear`` with fresh factors (A Kaiming-uniform, B zero).
+
+        ``pack=True`` (default) copies the weight into the packed [out, in + r] buffer (the fast layout, see
+        ``pack_``; ``linear`` itself is left untouched). ``pack=False`` shares ``linear``'s weight storage, no copy.
+        The bias is always shared.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -93,7 +145,7 @@ class LoRALinear(nn.Module):
         m.lora_a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
         m.lora_b = nn.Parameter(torch.zeros(linear.out_features, r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(m.lora_a, a=math.sqrt(5))
-        return m
+        return m.pack_() if pack else m
 
     def delta_weight(self) -> torch.Tensor:
         """``s·B·A`` [out, in], computed in fp32 (returned in fp32)."""

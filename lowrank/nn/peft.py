@@ -223,7 +223,8 @@ def _unwrap_aux(name: str, wrapper: nn.Module) -> nn.Module:
     return wrapper.modules_to_save[active[0]]
 
 
-def from_peft(model: nn.Module, *, backend: str = "auto", cast_adapter_dtype: bool = False) -> nn.Module:
+def from_peft(model: nn.Module, *, backend: str = "auto", cast_adapter_dtype: bool = False,
+              pack: bool = False) -> nn.Module:
     """Replace every PEFT LoRA ``Linear`` in ``model`` by a :class:`LoRALinear`; return the bare base model.
 
     Args:
@@ -232,6 +233,9 @@ def from_peft(model: nn.Module, *, backend: str = "auto", cast_adapter_dtype: bo
         backend: backend for every new ``LoRALinear`` (see :func:`lowrank.ops.lora_linear`).
         cast_adapter_dtype: cast factors whose dtype differs from the base weight's to the base dtype
             (otherwise that is an error; the fused op computes in one dtype).
+        pack: call :meth:`LoRALinear.pack_` on every new layer: the Parameter objects stay the same, but the base
+            weight and ``lora_B`` move into one [out, in + r] buffer (a copy), the layout the bf16 CPU kernel
+            runs as a single GEMM. Off by default, so that the converted model keeps PEFT's storage.
 
     Returns:
         The underlying model (``peft_model.base_model.model`` for a PeftModel) with each ``lora.Linear``
@@ -281,6 +285,8 @@ def from_peft(model: nn.Module, *, backend: str = "auto", cast_adapter_dtype: bo
     if any(not name for name, _ in replacements):
         raise TypeError("from_peft: the model itself is a PEFT wrapper; pass the model that contains it")
     for name, new in replacements:
+        if pack and isinstance(new, LoRALinear):
+            new.pack_()
         _set_submodule(root, name, new)
     return root
 
@@ -309,7 +315,7 @@ def _target_matcher(model: nn.Module, target_modules):
 
 
 def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha: float | None = None, *,
-               dropout: float = 0.0, backend: str = "auto") -> nn.Module:
+               dropout: float = 0.0, backend: str = "auto", pack: bool = True) -> nn.Module:
     """Put LoRA on the linear layers of a plain model, in place; returns ``model``.
 
     Args:
@@ -320,10 +326,12 @@ def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha:
             latter only for SEQ_CLS, here always, since a head is normally trained fully, not through LoRA).
         r, alpha, dropout: LoRA rank, alpha (``scaling = alpha / r``; default ``alpha = r``) and dropout.
         backend: backend of the new ``LoRALinear`` layers.
+        pack: ``LoRALinear.from_linear``'s ``pack``: True (default) copies each base weight into the layer's
+            packed [out, in + r] buffer (the fast layout; the replaced layer's storage is then freed unless
+            something else holds it), False shares the original storage.
 
-    Each matched ``nn.Linear`` becomes ``LoRALinear.from_linear(...)`` (shared weight storage, fresh factors
-    with B = 0, so outputs are unchanged); a Conv1D becomes a LoRALinear over the transposed view of its
-    weight. Then every parameter that is not a LoRA factor gets ``requires_grad=False``.
+    Each matched ``nn.Linear`` becomes ``LoRALinear.from_linear(...)`` (fresh factors with B = 0, so outputs
+    are unchanged); a Conv1D becomes a LoRALinear over the transposed view of its weight. Then every parameter that is not a LoRA factor gets ``requires_grad=False``.
 
     Raises:
         ValueError: nothing matched (the message lists candidate names), a match that is not a plain linear
@@ -362,7 +370,7 @@ def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha:
             lin.weight = weight
             if bias is not None:
                 lin.bias = bias
-        new = LoRALinear.from_linear(lin, r, alpha, dropout=dropout, backend=backend)
+        new = LoRALinear.from_linear(lin, r, alpha, dropout=dropout, backend=backend, pack=pack)
         new.train(module.training)
         _set_submodule(model, name, new)
     lora_params = {id(p) for _, m in _lora_modules(model) for p in (m.lora_a, m.lora_b)}

@@ -17,14 +17,22 @@ def _randomize(m: LoRALinear) -> LoRALinear:
     return m
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_from_linear_starts_equal_to_linear(bias, dtype):
+def test_from_linear_starts_equal_to_linear(bias, dtype, pack):
     lin = nn.Linear(17, 9, bias=bias, dtype=dtype)
-    m = LoRALinear.from_linear(lin, r=4, alpha=8)
+    w0 = lin.weight.detach().clone()
+    m = LoRALinear.from_linear(lin, r=4, alpha=8, pack=pack)
     x = torch.randn(2, 5, 17, dtype=dtype)
     torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)
-    assert m.weight.data_ptr() == lin.weight.data_ptr(), "from_linear shares the base weight"
+    assert m.is_packed == pack
+    if pack:
+        assert m.weight.data_ptr() != lin.weight.data_ptr(), "pack=True copies the weight into the joint buffer"
+        assert m.weight.stride() == (17 + 4, 1) and m.lora_b.data_ptr() == m.weight.data_ptr() + 17 * m.weight.itemsize
+    else:
+        assert m.weight.data_ptr() == lin.weight.data_ptr(), "pack=False shares the base weight"
+    assert torch.equal(lin.weight, w0), "from_linear leaves the Linear alone"
     assert not m.weight.requires_grad and m.lora_a.requires_grad and m.lora_b.requires_grad
     assert m.scaling == 2.0
 

@@ -137,6 +137,30 @@ def test_from_peft_shares_storage_and_keeps_flags(minilm):
     assert isinstance(q.dropout, nn.Dropout) and q.dropout.p == 0.1 and not q.training
 
 
+def test_from_peft_pack_keeps_parameters_and_outputs(minilm, tmp_path):
+    """pack=True: the same Parameter objects, now views of one [out, in + r] buffer per layer; in bf16 the
+    packed layers take the single-GEMM kernel path, whose outputs agree with the unpacked conversion."""
+    _, base, batch = minilm
+    pm = _peft(copy.deepcopy(base)).to(torch.bfloat16)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    plain = from_peft(copy.deepcopy(pm))
+    peft_q = pm.base_model.model.encoder.layer[1].attention.self.query
+    params = (peft_q.base_layer.weight, peft_q.lora_B["default"].weight)
+    packed = from_peft(pm, pack=True)
+    q = packed.encoder.layer[1].attention.self.query
+    assert q.weight is params[0] and q.lora_b is params[1] and q.is_packed
+    assert all(m.is_packed for m in packed.modules() if isinstance(m, LoRALinear))
+    with torch.no_grad():
+        a, b = _hidden(plain, batch).float(), _hidden(packed, batch).float()
+    assert (a - b).abs().max() < 0.05 * a.abs().max(), (a - b).abs().max()
+    sd = to_peft_state_dict(packed)
+    assert torch.equal(sd["base_model.model.encoder.layer.1.attention.self.query.lora_B.weight"], params[1])
+    save_peft_adapter(packed, tmp_path, base_model_name_or_path="x", task_type="FEATURE_EXTRACTION")
+
+
 def test_round_trip_to_peft_adapter_dir(minilm, tmp_path):
     path, base, batch = minilm
     pm = _peft(base)

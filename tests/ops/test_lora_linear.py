@@ -30,7 +30,9 @@ SHAPES = [
 ]
 
 
-def make_inputs(lead, in_, out, r, dtype, bias=True, requires_grad=False, scale=1.0):
+def make_inputs(lead, in_, out, r, dtype, bias=True, requires_grad=False, scale=1.0, joint=False):
+    """Fresh random inputs; ``joint=True`` lays weight and lora_b out as LoRALinear.pack_() does: the column
+    blocks of one [out, in + r] buffer (the CPU kernel's single-GEMM path for bf16)."""
     def t(*s):
         return (torch.randn(*s, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
     x = t(*lead, in_)
@@ -38,6 +40,9 @@ def make_inputs(lead, in_, out, r, dtype, bias=True, requires_grad=False, scale=
     b = t(out) if bias else None
     a = t(r, in_) / math.sqrt(in_)
     bb = t(out, r)
+    if joint:
+        buf = torch.cat([w.detach(), bb.detach()], dim=1)
+        w, bb = buf[:, :in_], buf[:, in_:].requires_grad_(requires_grad)
     return [x, w.detach().requires_grad_(requires_grad), b, a.detach().requires_grad_(requires_grad),
             bb]
 
@@ -54,11 +59,41 @@ def test_forward_matches_reference(backend, dtype, shape, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 9, 65])
-def test_forward_large_weight_few_tokens(dtype, tokens):
+@pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
+def test_forward_large_weight_few_tokens(dtype, tokens, joint):
     """The token/size regimes where the CPU kernel picks another base GEMM (oneDNN, the fused decode pass)."""
-    args = make_inputs((tokens,), 2048, 2049, 5, dtype) + [0.5]
+    args = make_inputs((tokens,), 2048, 2049, 5, dtype, joint=joint) + [0.5]
     y = lora_linear(*args, backend="cpp")
     assert_matches_oracle(y, reference, args)
+
+
+JOINT_SHAPES = SHAPES + [((33,), 64, 48, 40), ((300,), 4096, 17, 16), ((16,), 31, 9, 256)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", JOINT_SHAPES, ids=str)
+def test_forward_joint_layout_matches_reference(backend, dtype, shape):
+    """weight and lora_b as views of one [out, in + r] buffer (LoRALinear's packed layout): for bf16 the CPU
+    kernel runs [x | s·x·Aᵀ]·[W | B]ᵀ as one GEMM, with the shrink on AMX tiles (16-row blocks, K tails of any
+    parity, r over several 16-wide groups) or AVX512-BF16; the inputs are left as they were."""
+    args = make_inputs(*shape, dtype, joint=True) + [0.37]
+    before = [a.clone() for a in args[:5] if a is not None]
+    y = lora_linear(*args, backend=backend)
+    assert_matches_oracle(y, reference, args)
+    assert all(torch.equal(a, b) for a, b in zip([a for a in args[:5] if a is not None], before))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", JOINT_SHAPES[2:6], ids=str)
+def test_backward_joint_layout_matches_reference(dtype, shape):
+    args = make_inputs(*shape, dtype, bias=True, joint=True) + [1.5]
+    leaves = [a.detach().requires_grad_(True) for a in args[:5]] + [args[5]]
+    y = lora_linear(*leaves, backend="cpp")
+    g = torch.randn_like(y)
+    wrt = [0, 1, 2, 3, 4]
+    grads = torch.autograd.grad(y, [leaves[i] for i in wrt], g)
+    assert_grads_match_oracle(grads, reference, args, g, wrt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
