@@ -36,16 +36,6 @@ constexpr int64_t kRowsAmx = 16;  // rows of an AMX tile
 constexpr int64_t kRowsAvx = 8;   // rows per AVX-512 block: 8 independent accumulators cover the dot latency
 
 #if LOWRANK_HAVE_AUGMENT_KERNELS
-// AMX needs the CPU feature and the kernel's permission to use the tile state (Linux ≥ 5.16 asks for it once
-// per process; oneDNN makes the same request, repeating it is harmless).
-bool has_amx_bf16() {
-  static const bool ok = [] {
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
 
 // A [r, K] → [G][P][16][2] bf16 (G = ⌈r/16⌉ groups of 16 rows, P = ⌈K/2⌉ pairs, zero padded): lane j of pair p
 // holds (A[16g + j, 2p], A[16g + j, 2p + 1]). That is the VNNI layout of an AMX B tile (16 pairs × 16 columns)
@@ -150,6 +140,21 @@ LOWRANK_AVX512_BF16 void avx_rows(const bf16* x, int64_t ldx, const bf16* ap, in
 #endif  // LOWRANK_HAVE_AUGMENT_KERNELS
 
 }  // namespace
+
+// AMX needs the CPU feature and the kernel's permission to use the tile state (Linux ≥ 5.16 asks for it once
+// per process; oneDNN makes the same request, repeating it is harmless).
+bool has_amx_bf16() {
+#if LOWRANK_HAVE_AUGMENT_KERNELS
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
 
 at::Tensor joint_weight(const at::Tensor& weight, const at::Tensor& lora_b) {
   if (weight.dim() != 2 || lora_b.dim() != 2 || weight.scalar_type() != lora_b.scalar_type() ||

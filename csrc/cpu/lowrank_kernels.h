@@ -17,6 +17,8 @@ namespace lowrank::cpu {
 
 // Whether this CPU runs the AVX-512 BF16 kernels (checked once from CPUID).
 bool has_avx512_bf16();
+// Whether it runs the AMX-BF16 tile kernels (CPU feature and the OS's permission for the tile state).
+bool has_amx_bf16();
 
 // H = scale · X · Mᵀ in fp32 (fp64 when X is fp64).  X [T, K], M [r, K].  Returns [T, r] contiguous.
 at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale = 1.0);
@@ -49,5 +51,12 @@ at::Tensor joint_weight(const at::Tensor& weight, const at::Tensor& lora_b);
 // Requirements (augment_supported): bf16 x and A, unit column strides, AVX512-BF16.
 bool augment_supported(const at::Tensor& x2, const at::Tensor& a);
 at::Tensor augment_bf16(const at::Tensor& x2, const at::Tensor& a, double scale);
+
+// Few tokens, bf16, AMX: y = bias + x·Wᵀ [T, N] for 1 ≤ T ≤ 16, W [N, K] with unit column stride (any row
+// stride: the joint [W | B] view with x = [x | s·x·Aᵀ] is the whole LoRA layer). Bound by streaming W once;
+// the tokens are the N side of the tile product (W rows are the A tiles, read in place), so nothing of W is
+// repacked (cpu/skinny_amx.cpp).
+bool skinny_supported(int64_t tokens, const at::Tensor& w);
+at::Tensor skinny_linear_amx(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 
 }  // namespace lowrank::cpu

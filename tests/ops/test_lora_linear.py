@@ -67,7 +67,7 @@ def test_forward_large_weight_few_tokens(dtype, tokens, joint):
     assert_matches_oracle(y, reference, args)
 
 
-JOINT_SHAPES = SHAPES + [((33,), 64, 48, 40), ((300,), 4096, 17, 16), ((16,), 31, 9, 256)]
+JOINT_SHAPES = SHAPES + [((33,), 64, 48, 40), ((300,), 4096, 17, 16), ((16,), 31, 9, 256), ((12,), 100, 47, 3)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
