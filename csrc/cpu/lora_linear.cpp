@@ -111,7 +111,37 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
   const at::Tensor g2 = grad_out.reshape({-1, out});
   const at::Tensor x2 = x.reshape({-1, in});
   OptTensor dx, dw, da, db;
+  // bf16 on AMX: the four rank-r products on the tile unit (oneDNN runs these N = 16 / M = 16 GEMMs at a few
+  // tens of GFLOP/s). dA and dB then take s·g·B and h rounded to bf16, as an unfused bf16 layer has them.
+  const bool amx = dtype == at::kBFloat16 && cpu::rank_amx_supported(g2, lora_b) && cpu::rank_amx_supported(x2, lora_a);
   at::Tensor gb;  // s·(g·B) in fp32 (fp64 for fp64) [T, r], shared by dx and dA
+  if (amx) {
+    const at::Tensor wj = cpu::joint_weight(weight, lora_b);
+    const bool few = g2.size(0) <= 16;
+    if (wj.defined() && output_mask[0]) {
+      // Joint layout: g·[W | B] = [g·W | g·B] in one product, so the rank-r shrink of g comes with dx's GEMM.
+      // Up to 16 tokens that product is a pass over [W | B], on tiles as (gᵀ)ᵀ·[W | B] (oneDNN: ~2× longer).
+      const at::Tensor d = few ? cpu::tn_amx(g2.t(), wj, 1.0) : at::mm(g2, wj);
+      gb = at::mul(d.narrow(1, in, lora_a.size(0)).to(at::kFloat), scaling).contiguous();
+      at::Tensor out = at::empty({g2.size(0), in}, d.options());
+      cpu::expand_add_out(out, d.narrow(1, 0, in), gb, lora_a, std::nullopt);
+      dx = out.to(dtype).view(x.sizes());
+    } else {
+      if (output_mask[0] || output_mask[2]) gb = cpu::shrink_amx(g2, lora_b.t(), scaling);
+      if (output_mask[0]) {
+        at::Tensor d = at::mm(g2, weight);
+        cpu::expand_add_(d, gb, lora_a, std::nullopt);
+        dx = d.view(x.sizes());
+      }
+    }
+    if (output_mask[1]) dw = at::mm(g2.t(), x2);
+    if (output_mask[2]) da = cpu::tn_amx(gb.to(dtype), x2, 1.0).to(dtype);
+    if (output_mask[3]) {
+      const at::Tensor h = cpu::shrink_amx(x2, lora_a, scaling).to(dtype);
+      db = cpu::tn_amx(h, g2, 1.0).t().to(dtype).contiguous();
+    }
+    return {dx, dw, da, db};
+  }
   if (output_mask[0] || output_mask[2]) gb = cpu::shrink(g2, lora_b.t(), scaling);
   if (output_mask[0]) {
     at::Tensor d = at::mm(g2, weight);

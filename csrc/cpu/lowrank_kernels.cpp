@@ -63,13 +63,14 @@ LOWRANK_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
 // Y[i, n0 + ·] += bias + Σ_k H[i, k] · N[k, n0 + ·] for rb ≤ RB rows × up to 64 columns.
 template <typename T>
 LOWRANK_AVX512 void expand_add_tile(const float* h, int64_t r, const float* N, int64_t Np, const float* bias,
-                                    int64_t n0, int64_t cols, int64_t rb, T* y, int64_t ldy) {
+                                    int64_t n0, int64_t cols, int64_t rb, T* y, int64_t ldy, const T* src,
+                                    int64_t lds) {
   __m512 acc[RB][CV];
   for (int64_t v = 0; v < CV; ++v) {
     const __m512 b = bias ? _mm512_loadu_ps(bias + n0 + v * L) : _mm512_setzero_ps();
     const __mmask16 m = v * L < cols ? tail_mask(cols - v * L) : (__mmask16)0;
     for (int64_t i = 0; i < RB; ++i)
-      acc[i][v] = i < rb ? _mm512_add_ps(b, load16(y + i * ldy + n0 + v * L, m)) : b;
+      acc[i][v] = i < rb ? _mm512_add_ps(b, load16(src + i * lds + n0 + v * L, m)) : b;
   }
   for (int64_t k = 0; k < r; ++k) {
     __m512 nv[CV];
@@ -85,8 +86,11 @@ LOWRANK_AVX512 void expand_add_tile(const float* h, int64_t r, const float* N, i
 }
 
 template <typename T>
-void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np, const float* bias) {
+void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np, const float* bias,
+                       const at::Tensor& src) {
   const int64_t T_ = h.size(0), r = h.size(1), Np = np.size(1), Nout = y.size(1), ldy = y.stride(0);
+  const int64_t lds = src.stride(0);
+  const T* S = src.const_data_ptr<T>();
   const float* H = h.const_data_ptr<float>();
   const float* N = np.const_data_ptr<float>();
   T* Y = y.mutable_data_ptr<T>();
@@ -95,7 +99,8 @@ void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t = b * RB, rb = std::min(RB, T_ - t);
       for (int64_t n0 = 0; n0 < Nout; n0 += CV * L)
-        expand_add_tile<T>(H + t * r, r, N, Np, bias, n0, std::min(CV * L, Nout - n0), rb, Y + t * ldy, ldy);
+        expand_add_tile<T>(H + t * r, r, N, Np, bias, n0, std::min(CV * L, Nout - n0), rb, Y + t * ldy, ldy,
+                           S + t * lds, lds);
     }
   });
 }
@@ -181,6 +186,14 @@ at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale) {
 }
 
 void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const std::optional<at::Tensor>& bias) {
+  expand_add_out(y, y, h, n, bias);
+}
+
+void expand_add_out(at::Tensor& y, const at::Tensor& src, const at::Tensor& h, const at::Tensor& n,
+                    const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(src.sizes() == y.sizes() && src.scalar_type() == y.scalar_type() && src.stride(1) == 1 &&
+                  y.stride(1) == 1,
+              "expand_add_out: src must match y");
   TORCH_CHECK(y.dim() == 2 && h.dim() == 2 && n.dim() == 2 && h.size(0) == y.size(0) && h.size(1) == n.size(0) &&
                   n.size(1) == y.size(1) && (h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble) &&
                   h.is_contiguous(),
@@ -188,6 +201,7 @@ void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const 
   const bool has_bias = bias.has_value() && bias->defined();
   if (y.size(0) == 0) return;
   if (!use_avx512(y) || h.scalar_type() != at::kFloat) {
+    if (!src.is_same(y)) y.copy_(src);
     y.addmm_(h.to(y.scalar_type()), n);
     if (has_bias) y.add_(*bias);
     return;
@@ -197,9 +211,9 @@ void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const 
   const at::Tensor bp = has_bias ? pad_f32(*bias) : at::Tensor();
   const float* b = has_bias ? bp.const_data_ptr<float>() : nullptr;
   if (y.scalar_type() == at::kBFloat16) {
-    expand_add_avx512<c10::BFloat16>(y, h, np, b);
+    expand_add_avx512<c10::BFloat16>(y, h, np, b, src);
   } else {
-    expand_add_avx512<float>(y, h, np, b);
+    expand_add_avx512<float>(y, h, np, b, src);
   }
 #endif
 }

@@ -25,6 +25,9 @@ at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale = 1.0)
 
 // Y += bias + H · N in place.  Y [T, Nout], H [T, r] fp32 or fp64 (from shrink), N [r, Nout], bias [Nout] or none.
 void expand_add_(at::Tensor& y, const at::Tensor& h, const at::Tensor& n, const std::optional<at::Tensor>& bias);
+// Y = src + bias + H·N, src of Y's shape and dtype (any row stride): the same single pass, out of place.
+void expand_add_out(at::Tensor& y, const at::Tensor& src, const at::Tensor& h, const at::Tensor& n,
+                    const std::optional<at::Tensor>& bias);
 
 // Decode (few tokens), bf16: y = bias + x·Wᵀ + u·Vᵀ in one pass over the weights, where u·Vᵀ is an optional second
 // product with the same output (the LoRA term: u = s·x·Aᵀ [T, r], V = B [out, r]). A GEMV is bound by streaming W,
@@ -58,5 +61,12 @@ at::Tensor augment_bf16(const at::Tensor& x2, const at::Tensor& a, double scale)
 // repacked (cpu/skinny_amx.cpp).
 bool skinny_supported(int64_t tokens, const at::Tensor& w);
 at::Tensor skinny_linear_amx(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+
+// Rank-r products of the backward on AMX tiles (cpu/rank_amx.cpp), fp32 results:
+//   shrink_amx(Z, M, s) = s·Z·Mᵀ [T, r]   Z [T, K] bf16 (unit column stride), M [r, K] bf16 (any strides)
+//   tn_amx(M, Z, s)     = s·Mᵀ·Z [r, K]   M [T, r] bf16 (any strides), Z [T, K] bf16 (unit column stride)
+bool rank_amx_supported(const at::Tensor& z, const at::Tensor& m);
+at::Tensor shrink_amx(const at::Tensor& z, const at::Tensor& m, double scale);
+at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale);
 
 }  // namespace lowrank::cpu

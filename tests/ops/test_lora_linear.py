@@ -85,8 +85,9 @@ def test_forward_joint_layout_matches_reference(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", JOINT_SHAPES[2:6], ids=str)
+@pytest.mark.parametrize("shape", JOINT_SHAPES[2:6] + [((65,), 100, 70, 40), ((2, 40), 64, 33, 16)], ids=str)
 def test_backward_joint_layout_matches_reference(dtype, shape):
+    """Also the bf16 AMX backward (rank-r products on tiles): token tails of 16/32, column tails, r > 16."""
     args = make_inputs(*shape, dtype, bias=True, joint=True) + [1.5]
     leaves = [a.detach().requires_grad_(True) for a in args[:5]] + [args[5]]
     y = lora_linear(*leaves, backend="cpp")
