@@ -120,8 +120,8 @@ def make_lora_peers(T: int, in_features: int, out_features: int, *, r: int = 16,
                     with_peft: bool | None = None) -> LoRAPeers:
     """Build :class:`LoRAPeers` for a T×in×out layer with non-zero LoRA factors (so no path skips the update).
 
-    The base weight is frozen in all three; lowrank's copy of it sits in LoRALinear's packed [out, in + r] buffer
-    (``from_linear``'s default, the layout its bf16 CPU kernel computes as one GEMM), the same values. PEFT is built with ``autocast_adapter_dtype=False`` so its factors
+    The base weight is frozen in all three (in bf16 lowrank holds a copy of it in LoRALinear's packed
+    [out, in + r] buffer, ``from_linear``'s default for bf16; in other dtypes it shares the storage). PEFT is built with ``autocast_adapter_dtype=False`` so its factors
     stay in ``dtype`` (by default PEFT upcasts bf16/fp16 adapters to fp32): all three then do the same math in
     the same dtype. ``with_peft=None`` means "if peft is importable".
     """

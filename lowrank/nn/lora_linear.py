@@ -4,11 +4,13 @@
 
 Shapes: weight W [out, in], bias b [out], lora_a A [r, in], lora_b B [out, r] (PEFT's ``lora_A`` / ``lora_B``).
 
-Packed layout (the default): W and B are the two column blocks of one row-major [out, in + r] buffer, so
-``weight`` and ``lora_b`` are strided views of it (row stride in + r). The CPU kernel then computes the bf16
-layer as a single GEMM, [x | s·x·Aᵀ]·[W | B]ᵀ, with the rank-r expand inside the GEMM's micro-kernel (see
-``csrc/cpu/augment.cpp``); any other layout is computed correctly, by separate products. ``pack_()`` moves a
-module into that layout (a copy of the weight), ``is_packed`` tells whether it is.
+Packed layout: W and B are the two column blocks of one row-major [out, in + r] buffer, so ``weight`` and
+``lora_b`` are strided views of it (row stride in + r). The CPU kernel then computes the bf16 layer as a single
+GEMM, [x | s·x·Aᵀ]·[W | B]ᵀ, with the rank-r expand inside the GEMM's micro-kernel, and the backward's g·[W | B]
+gives dx's GEMM and the shrink of g together (``csrc/cpu/augment.cpp``, ``rank_amx.cpp``). Other dtypes gain
+nothing from it (fp32 loses oneDNN's base GEMM, which needs a contiguous weight), so the default policy
+``pack=None`` packs exactly the bf16 modules, and keeps it so through ``.to(dtype)``; ``pack=True`` / ``False``
+force it. Every layout computes the same function; ``is_packed`` tells which one a module has.
 
 B starts at zero, so a fresh module computes the Linear it was built from: bit for bit on the CPU kernel, except
 where it picks another GEMM for speed (bf16 with 1–3 tokens; fp32 with 2–64 tokens of weights ≥ 4 M elements),
@@ -40,13 +42,15 @@ class LoRALinear(nn.Module):
             ``dropout=0``, it always runs the fused op.
         backend: backend of :func:`lowrank.ops.lora_linear` ("auto", "cpp", "cuda", "triton", "torch").
         freeze_base: base weight and bias get ``requires_grad=False`` (default).
+        pack: layout policy (module docstring): None = packed iff the weight is bf16; True / False = always /
+            never. Stored as ``self.pack``; ``pack_()`` sets it to True.
 
     ``forward`` never changes module state; conversions (``from_linear``, ``merged``) return new objects.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float | None = None, *,
                  bias: bool = True, dropout: float = 0.0, backend: str = "auto", freeze_base: bool = True,
-                 device=None, dtype=None) -> None:
+                 pack: bool | None = None, device=None, dtype=None) -> None:
         super().__init__()
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
@@ -61,13 +65,16 @@ class LoRALinear(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
         self.backend = backend
-        joint = torch.empty(out_features, in_features + r, **kw)
-        self.weight = nn.Parameter(joint[:, :in_features], requires_grad=not freeze_base)
+        if pack not in (None, True, False):
+            raise TypeError(f"LoRALinear: pack must be None, True or False, got {pack!r}")
+        self.pack = pack
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=not freeze_base)
         self.bias = (nn.Parameter(torch.empty(out_features, **kw), requires_grad=not freeze_base)
                      if bias else None)
         self.lora_a = nn.Parameter(torch.empty(r, in_features, **kw))
-        self.lora_b = nn.Parameter(joint[:, in_features:])
+        self.lora_b = nn.Parameter(torch.zeros(out_features, r, **kw))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._sync_layout()
         self.reset_parameters()
 
     @property
@@ -96,56 +103,65 @@ class LoRALinear(nn.Module):
                 and w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
                 and b.storage_offset() == w.storage_offset() + k)
 
-    @torch.no_grad()
-    def pack_(self) -> "LoRALinear":
-        """Move ``weight`` and ``lora_b`` into one row-major [out, in + r] buffer, in place; returns ``self``.
+    def _want_packed(self) -> bool:
+        return self.pack if self.pack is not None else self.weight.dtype == torch.bfloat16
 
-        The Parameter objects stay the same (optimizers and tied modules keep working); their ``.data`` become
-        views of the new buffer, a copy of both, so memory shared with another module is no longer shared. A
-        no-op when already packed. ``.to(...)``/``.cuda()`` keep a packed module packed.
-        """
-        if self.is_packed:
-            return self
+    @torch.no_grad()
+    def _sync_layout(self) -> None:
+        """Bring the storage in line with the policy; Parameter objects are kept (``.data`` is re-pointed)."""
         w, b = self.weight, self.lora_b
-        if b.dtype != w.dtype or b.device != w.device:
-            raise ValueError(f"LoRALinear.pack_: weight ({w.dtype}, {w.device}) and lora_b ({b.dtype}, {b.device}) "
-                             "must share dtype and device")
-        joint = torch.empty(self.out_features, self.in_features + self.r, dtype=w.dtype, device=w.device)
-        joint[:, :self.in_features].copy_(w)
-        joint[:, self.in_features:].copy_(b)
-        self.weight.data = joint[:, :self.in_features]
-        self.lora_b.data = joint[:, self.in_features:]
+        if self._want_packed() and not self.is_packed:
+            if b.dtype != w.dtype or b.device != w.device:
+                raise ValueError(f"LoRALinear: packing needs weight ({w.dtype}, {w.device}) and lora_b "
+                                 f"({b.dtype}, {b.device}) in one dtype and device")
+            joint = torch.empty(self.out_features, self.in_features + self.r, dtype=w.dtype, device=w.device)
+            joint[:, :self.in_features].copy_(w)
+            joint[:, self.in_features:].copy_(b)
+            self.weight.data = joint[:, :self.in_features]
+            self.lora_b.data = joint[:, self.in_features:]
+        elif not self._want_packed() and self.is_packed:
+            self.weight.data = w.detach().contiguous()
+            self.lora_b.data = b.detach().contiguous()
+
+    def pack_(self) -> "LoRALinear":
+        """Switch to the packed layout for good (``self.pack = True``), in place; returns ``self``.
+
+        Parameter objects stay the same (optimizers and tied modules keep working); their ``.data`` become views
+        of a new buffer holding a copy of both, so storage shared with another module is no longer shared.
+        """
+        self.pack = True
+        self._sync_layout()
         return self
 
     def _apply(self, fn, recurse: bool = True):
-        # nn.Module converts each Parameter on its own, which would split the joint buffer.
-        packed = self.is_packed
+        # nn.Module converts each Parameter on its own, which splits the joint buffer; re-apply the policy.
         out = super()._apply(fn, recurse)
-        if packed and not self.is_packed and self.weight.dtype == self.lora_b.dtype:
-            self.pack_()
+        if self.weight.dtype == self.lora_b.dtype and self.weight.device == self.lora_b.device:
+            self._sync_layout()
         return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float | None = None, *, dropout: float = 0.0,
-                    backend: str = "auto", freeze_base: bool = True, pack: bool = True) -> "LoRALinear":
+                    backend: str = "auto", freeze_base: bool = True, pack: bool | None = None) -> "LoRALinear":
         """Wrap ``linear`` with fresh factors (A Kaiming-uniform, B zero).
 
-        ``pack=True`` (default) copies the weight into the packed [out, in + r] buffer (the fast layout, see
-        ``pack_``; ``linear`` itself is left untouched). ``pack=False`` shares ``linear``'s weight storage, no copy.
-        The bias is always shared.
+        The bias is always shared. The weight is shared (no copy) when the module is not packed; packed (``pack``
+        as in the constructor: by default for bf16) it is copied into the [out, in + r] buffer and ``linear``
+        itself is left untouched.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, r, alpha, bias=linear.bias is not None, dropout=dropout,
-                backend=backend, freeze_base=freeze_base, device="meta", dtype=w.dtype)
+                backend=backend, freeze_base=freeze_base, pack=pack, device="meta", dtype=w.dtype)
         m.weight = nn.Parameter(w.detach(), requires_grad=not freeze_base)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach(), requires_grad=not freeze_base)
         m.lora_a = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
         m.lora_b = nn.Parameter(torch.zeros(linear.out_features, r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(m.lora_a, a=math.sqrt(5))
-        return m.pack_() if pack else m
+        m._sync_layout()
+        return m
 
     def delta_weight(self) -> torch.Tensor:
         """``s·B·A`` [out, in], computed in fp32 (returned in fp32)."""

@@ -200,7 +200,7 @@ def _convert_lora_layer(name: str, layer: nn.Module, backend: str, cast_adapter_
     scaling = float(layer.scaling[adapter])
     out_features, in_features = weight.shape
     m = LoRALinear(in_features, out_features, r, _alpha_for(scaling, r), bias=bias is not None, dropout=p,
-                   backend=backend, device="meta", dtype=weight.dtype)
+                   backend=backend, pack=False, device="meta", dtype=weight.dtype)
     # Share, never copy: the same Parameter objects (a Conv1D base gets a transposed view of its storage).
     m.weight = weight
     if bias is not None:
@@ -235,7 +235,8 @@ def from_peft(model: nn.Module, *, backend: str = "auto", cast_adapter_dtype: bo
             (otherwise that is an error; the fused op computes in one dtype).
         pack: call :meth:`LoRALinear.pack_` on every new layer: the Parameter objects stay the same, but the base
             weight and ``lora_B`` move into one [out, in + r] buffer (a copy), the layout the bf16 CPU kernel
-            runs as a single GEMM. Off by default, so that the converted model keeps PEFT's storage.
+            runs as a single GEMM. Off by default (the new layers get ``pack=False``), so that the converted
+            model keeps PEFT's storage.
 
     Returns:
         The underlying model (``peft_model.base_model.model`` for a PeftModel) with each ``lora.Linear``
@@ -315,7 +316,7 @@ def _target_matcher(model: nn.Module, target_modules):
 
 
 def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha: float | None = None, *,
-               dropout: float = 0.0, backend: str = "auto", pack: bool = True) -> nn.Module:
+               dropout: float = 0.0, backend: str = "auto", pack: bool | None = None) -> nn.Module:
     """Put LoRA on the linear layers of a plain model, in place; returns ``model``.
 
     Args:
@@ -326,9 +327,9 @@ def apply_lora(model: nn.Module, target_modules="all-linear", r: int = 8, alpha:
             latter only for SEQ_CLS, here always, since a head is normally trained fully, not through LoRA).
         r, alpha, dropout: LoRA rank, alpha (``scaling = alpha / r``; default ``alpha = r``) and dropout.
         backend: backend of the new ``LoRALinear`` layers.
-        pack: ``LoRALinear.from_linear``'s ``pack``: True (default) copies each base weight into the layer's
-            packed [out, in + r] buffer (the fast layout; the replaced layer's storage is then freed unless
-            something else holds it), False shares the original storage.
+        pack: the layout policy of the new layers (``LoRALinear``'s ``pack``): None (default) packs the bf16
+            ones (their base weight is copied into the [out, in + r] buffer; the replaced layer's storage is then
+            freed unless something else holds it), True / False always / never.
 
     Each matched ``nn.Linear`` becomes ``LoRALinear.from_linear(...)`` (fresh factors with B = 0, so outputs
     are unchanged); a Conv1D becomes a LoRALinear over the transposed view of its weight. Then every parameter that is not a LoRA factor gets ``requires_grad=False``.

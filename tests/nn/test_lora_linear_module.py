@@ -17,7 +17,7 @@ def _randomize(m: LoRALinear) -> LoRALinear:
     return m
 
 
-@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("pack", [True, False, None])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_from_linear_starts_equal_to_linear(bias, dtype, pack):
@@ -26,8 +26,8 @@ def test_from_linear_starts_equal_to_linear(bias, dtype, pack):
     m = LoRALinear.from_linear(lin, r=4, alpha=8, pack=pack)
     x = torch.randn(2, 5, 17, dtype=dtype)
     torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)
-    assert m.is_packed == pack
-    if pack:
+    assert m.is_packed == (pack if pack is not None else dtype == torch.bfloat16)
+    if m.is_packed:
         assert m.weight.data_ptr() != lin.weight.data_ptr(), "pack=True copies the weight into the joint buffer"
         assert m.weight.stride() == (17 + 4, 1) and m.lora_b.data_ptr() == m.weight.data_ptr() + 17 * m.weight.itemsize
     else:
@@ -35,6 +35,31 @@ def test_from_linear_starts_equal_to_linear(bias, dtype, pack):
     assert torch.equal(lin.weight, w0), "from_linear leaves the Linear alone"
     assert not m.weight.requires_grad and m.lora_a.requires_grad and m.lora_b.requires_grad
     assert m.scaling == 2.0
+
+
+def test_pack_policy_follows_dtype_and_keeps_parameters():
+    m = _randomize(LoRALinear(33, 17, r=5))
+    assert m.pack is None and not m.is_packed  # fp32: unpacked by default
+    params = list(m.parameters())
+    x = torch.randn(9, 33)
+    y32 = m(x)
+    m.to(torch.bfloat16)
+    assert m.is_packed and list(m.parameters()) == params and m.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m(x.bfloat16()).float(), y32, rtol=0.05, atol=0.05)
+    m.float()
+    assert not m.is_packed and m.weight.is_contiguous() and m.lora_b.is_contiguous()
+    y_unpacked = m(x)
+    m.pack_()
+    assert m.pack is True and m.is_packed and list(m.parameters()) == params
+    torch.testing.assert_close(m(x), y_unpacked)
+    m.double()
+    assert m.is_packed, "pack=True keeps the layout through dtype conversions"
+    sd = m.state_dict()
+    fresh = LoRALinear(33, 17, r=5, dtype=torch.float64, pack=True)
+    fresh.load_state_dict(sd)
+    assert fresh.is_packed and torch.equal(fresh.lora_b, m.lora_b)
+    with pytest.raises(TypeError, match="pack"):
+        LoRALinear(4, 4, r=1, pack="yes")
 
 
 def test_forward_matches_reference_and_merged():
