@@ -1,6 +1,10 @@
 // Fused LoRA linear, CPU.
 //   forward:  y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ        x [T, in], W [out, in], A [r, in], B [out, r]
 //   backward: gB = s·(g·B);  dx = g·W + gB·A;  dW = gᵀ·x;  dA = gBᵀ·x;  dB = gᵀ·(s·x·Aᵀ)
+// Packed layout (LoRALinear's default for bf16: W and B the column blocks of one [out, in + r] buffer,
+// cpu::joint_weight): on AVX512-BF16/AMX CPUs the bf16 layer is x'·[W | B]ᵀ with x' = [x | s·x·Aᵀ], one oneDNN
+// GEMM (≥ 17 tokens) or one AMX pass over the weights (4–16 tokens); backward takes g·[W | B] = [g·W | g·B]
+// and runs the rank-r reductions on tiles (see lora_linear_backward_cpu). Unpacked layouts, fp32 and fp64:
 // Order of work in the forward, and why: the base GEMM writes a fresh output once with the bias in its epilogue
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
