@@ -8,6 +8,7 @@
 // more than the copy (0.35 ms) — so on CPUs with AMX it runs on the tile unit (16 rows × 32 k per TDPBF16PS),
 // 0.1 ms for the same shape on two cores; the AVX512-BF16 broadcast kernel below is the fallback elsewhere.
 #include "cpu/lowrank_kernels.h"
+#include "cpu/amx_tiles.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -52,14 +53,6 @@ at::Tensor pack_pairs(const at::Tensor& a) {
   }
   return out;
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 // 16 rows of x' (x in columns [0, K), column K zero when K is odd, row stride ldo): writes s·x·Aᵀ in bf16 to
 // columns [K, K + r). Tiles: 0 = C (16×16 fp32), 1/2 = a 32-wide k chunk of x and A, 3/4 = the k tail.

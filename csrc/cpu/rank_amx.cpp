@@ -7,6 +7,7 @@
 // shrink (its rows are A tiles); for tn the reduction runs over tokens, so each 32-token × 32-column piece of Z
 // is interleaved into the VNNI pair layout of two B tiles in a 2 KB scratch (two VPERMT2W per row pair).
 #include "cpu/lowrank_kernels.h"
+#include "cpu/amx_tiles.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -30,14 +31,6 @@ namespace {
 using bf16 = c10::BFloat16;
 
 #if LOWRANK_HAVE_RANK_AMX
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Every tile 16 rows × 64 bytes: C tiles 16×16 fp32, A tiles 16×32 bf16, B tiles 16 pairs × 16 columns.
 LOWRANK_AMX_BF16 void load_full_config(TileConfig& cfg) {
   cfg = TileConfig{};

@@ -7,6 +7,7 @@
 // loaded as A tiles straight from memory (any row stride, so the joint [W | B] buffer is read in place)
 // and only x is repacked (into the VNNI pair layout of a B tile, T·K elements).
 #include "cpu/lowrank_kernels.h"
+#include "cpu/amx_tiles.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -33,14 +34,6 @@ constexpr int64_t kBlockRows = 32;  // two 16-row C tiles per step, two independ
 constexpr int64_t kPrefetch = 8;    // chunks (of 32 k) ahead
 
 #if LOWRANK_HAVE_SKINNY_AMX
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles: 0/1 = C of the two 16-row halves, 2/3 = their W chunk (16 rows × 32 k), 4 = the x chunk (16 pairs ×
 // T), 5/6/7 = the same for the k tail (an even count < 32).
 LOWRANK_AMX_BF16 void load_config(TileConfig& cfg, int64_t T, int64_t rows0, int64_t rows1, int64_t tail) {
