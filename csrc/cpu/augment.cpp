@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
@@ -135,10 +137,14 @@ LOWRANK_AVX512_BF16 void avx_rows(const bf16* x, int64_t ldx, const bf16* ap, in
 }  // namespace
 
 // AMX needs the CPU feature and the kernel's permission to use the tile state (Linux ≥ 5.16 asks for it once
-// per process; oneDNN makes the same request, repeating it is harmless).
+// per process; oneDNN makes the same request, repeating it is harmless). LOWRANK_DISABLE_AMX=1 in the
+// environment (read once, at the first call) turns the tile kernels off, so that the AVX-512 paths the op takes
+// on CPUs without AMX can be run and tested here.
 bool has_amx_bf16() {
 #if LOWRANK_HAVE_AUGMENT_KERNELS
   static const bool ok = [] {
+    const char* off = std::getenv("LOWRANK_DISABLE_AMX");
+    if (off != nullptr && std::string_view(off) == "1") return false;
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;

@@ -285,3 +285,36 @@ def test_direct_op_call_checks_in_cpp():
 def test_package_exports():
     assert lowrank.ops.lora_linear is lora_linear
     assert issubclass(lowrank.BackendUnavailableError, RuntimeError)
+
+
+_NO_AMX_SCRIPT = """
+import torch
+from lowrank.ops import lora_linear
+from lowrank.reference import lora_linear as reference
+from tests.conftest import assert_grads_match_oracle, assert_matches_oracle
+from tests.ops.test_lora_linear import make_inputs
+torch.manual_seed(0)
+for shape in [((40,), 100, 47, 3), ((9,), 255, 33, 17), ((3,), 64, 20, 16), ((300,), 96, 64, 16)]:
+    args = make_inputs(*shape, torch.bfloat16, joint=True) + [0.37]
+    assert_matches_oracle(lora_linear(*args, backend="cpp"), reference, args)
+    leaves = [a.detach().requires_grad_(True) for a in args[:5]] + [args[5]]
+    y = lora_linear(*leaves, backend="cpp")
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves[:5], g)
+    assert_grads_match_oracle(grads, reference, args, g, [0, 1, 2, 3, 4])
+print("ok")
+"""
+
+
+def test_joint_layout_without_amx_matches_reference():
+    """LOWRANK_DISABLE_AMX=1: the packed bf16 layer on the AVX512-BF16 paths CPUs without AMX take (x' formed by
+    the broadcast-dot kernel, oneDNN GEMMs for every token count, ATen's rank-r backward)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "LOWRANK_DISABLE_AMX": "1"}
+    out = subprocess.run([sys.executable, "-c", _NO_AMX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
