@@ -15,6 +15,16 @@ TORCH_LIBRARY(lowrank, m) {
   // The same forward run by the Triton kernel (lowrank/kernels/triton/lora_linear.py registers its CPU
   // (interpreter) and CUDA implementations when triton is importable). Backward: lora_linear_backward.
   m.def("lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
+  // logits[t, j] = hidden[t]·weight[ids[j]] + bias[ids[j]]: k rows of an LM head instead of all V.
+  // hidden [T, d], weight [V, d], ids [k] int32/int64, bias [V]; the Triton kernel implements the _triton twin.
+  m.set_python_module("lowrank.ops.gather_logits");
+  m.def("gather_logits(Tensor hidden, Tensor weight, Tensor ids, Tensor? bias) -> Tensor");
+  m.def("gather_logits_triton(Tensor hidden, Tensor weight, Tensor ids, Tensor? bias) -> Tensor");
+  // mass[b, h, j] = Σ_i softmax_j(scale·q[b,h,i]·k[b,h/g,j]) over j <= offset + i: column sums of the query rows
+  // of causal attention, q [B, Hq, nq, d], k [B, Hkv, n, d]; float32 (float64 for double). Not differentiable.
+  m.set_python_module("lowrank.ops.query_attention_mass");
+  m.def("query_attention_mass(Tensor q, Tensor k, float scale, int offset) -> Tensor");
+  m.def("query_attention_mass_triton(Tensor q, Tensor k, float scale, int offset) -> Tensor");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -39,44 +39,19 @@
 
 #include <cstdint>
 
+#include "common/cuda_elem.cuh"
+
 namespace lowrank {
 namespace kernels {
 
 // ---- element traits ----------------------------------------------------------------------------------------
+// Element traits (load into the accumulation type, round back) are shared: common/cuda_elem.cuh.
 template <typename scalar_t>
-struct LoraElem;
-
-template <>
-struct LoraElem<float> {
-  using acc_t = float;
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-
-template <>
-struct LoraElem<double> {
-  using acc_t = double;
-  static __device__ __forceinline__ double load(double v) { return v; }
-  static __device__ __forceinline__ double store(double v) { return v; }
-};
-
-template <>
-struct LoraElem<__half> {
-  using acc_t = float;
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct LoraElem<__nv_bfloat16> {
-  using acc_t = float;
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
+using LoraElem = Elem<scalar_t>;
 
 // The type h is kept in: float for float/half/bfloat16, double for double.
 template <typename scalar_t>
-using lora_acc_t = typename LoraElem<scalar_t>::acc_t;
+using lora_acc_t = elem_acc_t<scalar_t>;
 
 // ---- tiling constants ----------------------------------------------------------------------------------------
 constexpr int kLoraThreads = 256;  // 16 × 16

@@ -97,8 +97,10 @@ class LowRankLinear(nn.Module):
                 raise ValueError(f"LowRankLinear.from_factors: bias must be a [{m}] tensor, got {got}")
         n = v.shape[1]
         mod = cls(n, m, k, bias=bias is not None, dtype=u.dtype, device="meta")
-        mod.u = nn.Parameter(u.detach().clone())
-        mod.v = nn.Parameter(v.detach().clone())
+        # Row-major copies whatever the factorization returned (SVD factors are often column-major): the GEMMs
+        # then see one layout, so a saved and reloaded model computes bit for bit what the original did.
+        mod.u = nn.Parameter(u.detach().clone(memory_format=torch.contiguous_format))
+        mod.v = nn.Parameter(v.detach().clone(memory_format=torch.contiguous_format))
         if bias is not None:
             mod.bias = nn.Parameter(bias.detach().to(device=u.device, dtype=u.dtype).clone())
         return mod

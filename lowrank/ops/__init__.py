@@ -1,5 +1,7 @@
 """Public ops. Each is a Python function over one or more ``torch.ops.lowrank`` ops, with a ``backend`` argument."""
 from lowrank.ops._backends import BackendUnavailableError
+from lowrank.ops.gather_logits import gather_logits
 from lowrank.ops.lora_linear import lora_linear
+from lowrank.ops.query_attention_mass import query_attention_mass
 
-__all__ = ["lora_linear", "BackendUnavailableError"]
+__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "BackendUnavailableError"]
