@@ -8,14 +8,21 @@ Importing this package is cheap: the heavy libraries (bm25s, transformers, pytre
     reranked = EmbeddingReranker().rerank(ds, bm25, top_k=100)
     print(evaluate(ds.qrels, reranked).mean)
 """
+from lowrank.rerank.attention import AttentionReranker
 from lowrank.rerank.data import BeirDataset, DataWarning, Document, example_dataset, example_path, load_beir
 from lowrank.rerank.embed import EmbeddingReranker, Encoder, default_model_path
 from lowrank.rerank.evaluate import METRICS, EvalResult, docs_per_second, evaluate, latency_stats
 from lowrank.rerank.fusion import linear_fusion, minmax_normalize, rrf, tune_fusion_weight
+from lowrank.rerank.listwise import ListwiseReranker
+from lowrank.rerank.llm import default_llm_path, load_causal_lm
 from lowrank.rerank.retrieve import BM25Retriever, Run
 
 __all__ = [
     "METRICS",
+    "AttentionReranker",
+    "ListwiseReranker",
+    "default_llm_path",
+    "load_causal_lm",
     "BM25Retriever",
     "BeirDataset",
     "DataWarning",
