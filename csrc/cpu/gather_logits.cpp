@@ -8,7 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/scoring_checks.h"
 
 namespace lowrank {
 namespace {
@@ -38,22 +38,8 @@ void gather_logits_kernel(const scalar_t* h, int64_t ldh, const scalar_t* w, int
 
 at::Tensor gather_logits_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids,
                              const std::optional<at::Tensor>& bias) {
-  LOWRANK_CHECK_DIM(hidden, 2, "gather_logits: hidden");
-  LOWRANK_CHECK_DIM(weight, 2, "gather_logits: weight");
-  LOWRANK_CHECK_DIM(ids, 1, "gather_logits: ids");
-  LOWRANK_CHECK_FLOATING(hidden, "gather_logits: hidden");
-  LOWRANK_CHECK_SAME_DTYPE(weight, hidden, "gather_logits: weight", "hidden");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-                   "gather_logits: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(hidden.size(1) == weight.size(1), "gather_logits: hidden [T, d=", hidden.size(1),
-                    "] does not match weight [V, d=", weight.size(1), "]");
+  check_gather_logits_args(hidden, weight, ids, bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    LOWRANK_CHECK_DIM(*bias, 1, "gather_logits: bias");
-    LOWRANK_CHECK_SAME_DTYPE(*bias, hidden, "gather_logits: bias", "hidden");
-    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "gather_logits: bias must be [V=", weight.size(0),
-                      "], got ", bias->sizes());
-  }
   const int64_t T = hidden.size(0), d = hidden.size(1), V = weight.size(0), k = ids.size(0);
   const at::Tensor ids64 = ids.to(at::kLong).contiguous();
   const int64_t* id = ids64.data_ptr<int64_t>();

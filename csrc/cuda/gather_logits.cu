@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "common/checks.h"
+#include "common/scoring_checks.h"
 #include "cuda/gather_logits_kernel.cuh"
 
 namespace lowrank {
@@ -26,23 +26,8 @@ void run(const at::Tensor& h, const at::Tensor& w, const at::Tensor& ids, const 
 
 at::Tensor gather_logits_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids,
                               const std::optional<at::Tensor>& bias) {
-  LOWRANK_CHECK_DIM(hidden, 2, "gather_logits: hidden");
-  LOWRANK_CHECK_DIM(weight, 2, "gather_logits: weight");
-  LOWRANK_CHECK_DIM(ids, 1, "gather_logits: ids");
-  LOWRANK_CHECK_FLOATING(hidden, "gather_logits: hidden");
-  LOWRANK_CHECK_SAME_DTYPE(weight, hidden, "gather_logits: weight", "hidden");
-  LOWRANK_CHECK_SAME_DEVICE(weight, hidden, "gather_logits: weight", "hidden");
-  LOWRANK_CHECK_SAME_DEVICE(ids, hidden, "gather_logits: ids", "hidden");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-                   "gather_logits: ids must be int32 or int64, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(hidden.size(1) == weight.size(1), "gather_logits: hidden [T, d=", hidden.size(1),
-                    "] does not match weight [V, d=", weight.size(1), "]");
+  check_gather_logits_args(hidden, weight, ids, bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    LOWRANK_CHECK_DIM(*bias, 1, "gather_logits: bias");
-    LOWRANK_CHECK_SAME_DTYPE(*bias, hidden, "gather_logits: bias", "hidden");
-    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "gather_logits: bias must be [V=", weight.size(0), "]");
-  }
   const c10::cuda::CUDAGuard guard(hidden.device());
   const at::Tensor ids64 = ids.to(at::kLong).contiguous();
   if (ids64.numel() > 0) {

@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-#include "common/checks.h"
+#include "common/scoring_checks.h"
 #include "cuda/query_attention_mass_kernel.cuh"
 
 namespace lowrank {
@@ -26,19 +26,8 @@ void run(const at::Tensor& q, const at::Tensor& k, at::Tensor& out, int64_t offs
 }
 
 at::Tensor query_attention_mass_cuda(const at::Tensor& q, const at::Tensor& k, double scale, int64_t offset) {
-  LOWRANK_CHECK_DIM(q, 4, "query_attention_mass: q");
-  LOWRANK_CHECK_DIM(k, 4, "query_attention_mass: k");
-  LOWRANK_CHECK_FLOATING(q, "query_attention_mass: q");
-  LOWRANK_CHECK_SAME_DTYPE(k, q, "query_attention_mass: k", "q");
-  LOWRANK_CHECK_SAME_DEVICE(k, q, "query_attention_mass: k", "q");
-  const int64_t B = q.size(0), Hq = q.size(1), nq = q.size(2), d = q.size(3), Hkv = k.size(1), n = k.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == d, "query_attention_mass: k must be [B=", B, ", Hkv, n, d=", d,
-                    "], got ", k.sizes());
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "query_attention_mass: q's ", Hq,
-                    " heads must be a multiple of k's ", Hkv, " heads");
-  TORCH_CHECK_VALUE(offset >= 0 && offset + nq <= n, "query_attention_mass: query rows at positions [", offset, ", ",
-                    offset + nq, ") must lie within the ", n, " keys");
-  TORCH_CHECK_VALUE(std::isfinite(scale), "query_attention_mass: scale must be finite, got ", scale);
+  check_query_attention_mass_args(q, k, scale, offset);
+  const int64_t B = q.size(0), Hq = q.size(1), nq = q.size(2), d = q.size(3), n = k.size(2);
   TORCH_CHECK_VALUE(d <= kernels::kQamMaxHeadDim, "query_attention_mass (CUDA): head dim ", d, " exceeds ",
                     kernels::kQamMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());

@@ -7,8 +7,21 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lowrank.rerank.data import BeirDataset
-from lowrank.rerank.embed import _candidate_ids
 from lowrank.rerank.retrieve import Run
+
+
+def _candidate_ids(qid: str, hits: Any, top_k: int) -> list[str]:
+    """The first ``top_k`` doc ids of one query's candidates: [(docid, score)] in rank order, [docid], or {docid: score}."""
+    if isinstance(hits, Mapping):
+        ranked = sorted(hits.items(), key=lambda x: -float(x[1]))
+        doc_ids = [str(d) for d, _ in ranked]
+    elif isinstance(hits, Sequence) and not isinstance(hits, str):
+        doc_ids = [str(h[0]) if isinstance(h, (tuple, list)) else str(h) for h in hits]
+    else:
+        raise TypeError(f"candidates[{qid!r}] must be a list of (docid, score) or docids, got {type(hits).__name__}")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError(f"candidates[{qid!r}] lists a document more than once")
+    return doc_ids[:top_k]
 
 
 def check_rerank_args(dataset: Any, candidates: Any, top_k: Any) -> None:

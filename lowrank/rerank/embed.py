@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lowrank.rerank.data import BeirDataset, DataWarning
+from lowrank.rerank._loop import _candidate_ids, check_rerank_args  # noqa: F401  (_candidate_ids: re-export)
 from lowrank.rerank.retrieve import Run
 
 __all__ = ["EmbeddingReranker", "Encoder", "default_model_path"]
@@ -248,20 +249,6 @@ def _text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
 
 
-def _candidate_ids(qid: str, hits: Any, top_k: int) -> list[str]:
-    """The first ``top_k`` doc ids of one query's candidates: [(docid, score)] in rank order, [docid], or {docid: score}."""
-    if isinstance(hits, Mapping):
-        ranked = sorted(hits.items(), key=lambda x: -float(x[1]))
-        doc_ids = [str(d) for d, _ in ranked]
-    elif isinstance(hits, Sequence) and not isinstance(hits, str):
-        doc_ids = [str(h[0]) if isinstance(h, (tuple, list)) else str(h) for h in hits]
-    else:
-        raise TypeError(f"candidates[{qid!r}] must be a list of (docid, score) or docids, got {type(hits).__name__}")
-    if len(set(doc_ids)) != len(doc_ids):
-        raise ValueError(f"candidates[{qid!r}] lists a document more than once")
-    return doc_ids[:top_k]
-
-
 class EmbeddingReranker:
     """Rerank candidates, or retrieve from the whole corpus, by cosine of bi-encoder embeddings.
 
@@ -325,15 +312,7 @@ class EmbeddingReranker:
         ``candidates`` is a first-stage run (qid -> [(docid, score), ...] best first, or [docid, ...]); queries of
         ``dataset`` without candidates get an empty list. Ties keep the candidates' order.
         """
-        if not isinstance(dataset, BeirDataset):
-            raise TypeError(f"dataset must be a BeirDataset, got {type(dataset).__name__}")
-        if not isinstance(candidates, Mapping):
-            raise TypeError(f"candidates must be a mapping qid -> ranked docs, got {type(candidates).__name__}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        unknown = [q for q in candidates if str(q) not in dataset.queries]
-        if unknown:
-            raise KeyError(f"candidates hold queries not in the dataset: {unknown[:5]}")
+        check_rerank_args(dataset, candidates, top_k)
         run: Run = {q: [] for q in dataset.queries}
         self.latencies = {}
         items = list(candidates.items())
