@@ -9,6 +9,7 @@ Importing this package is cheap: the heavy libraries (bm25s, transformers, pytre
     print(evaluate(ds.qrels, reranked).mean)
 """
 from lowrank.rerank.attention import AttentionReranker
+from lowrank.rerank.cross import CrossEncoderReranker, default_cross_encoder_dir
 from lowrank.rerank.data import BeirDataset, DataWarning, Document, example_dataset, example_path, load_beir
 from lowrank.rerank.embed import EmbeddingReranker, Encoder, default_model_path
 from lowrank.rerank.evaluate import METRICS, EvalResult, docs_per_second, evaluate, latency_stats
@@ -20,6 +21,8 @@ from lowrank.rerank.retrieve import BM25Retriever, Run
 __all__ = [
     "METRICS",
     "AttentionReranker",
+    "CrossEncoderReranker",
+    "default_cross_encoder_dir",
     "ListwiseReranker",
     "default_llm_path",
     "load_causal_lm",
