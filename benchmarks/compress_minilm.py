@@ -94,6 +94,27 @@ def mean_pooled(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
 
+def centered_pooled(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's sentence embeddings minus their batch mean: only the directions that tell texts apart.
+
+    Sentence embeddings share a large common component (all-MiniLM-L6-v2: mean pairwise cosine of SciFact
+    texts ≈ 0.1–0.3), which cosine-to-the-original weighs but ranking ignores: a ranking sees
+    ⟨q, d₁⟩ − ⟨q, d₂⟩, not the shared part.
+    """
+    e = mean_pooled(outputs, batch)
+    return e - e.mean(0, keepdim=True)
+
+
+def similarity_rows(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Row-centred cosine similarities S − rowmean(S), S = E·Eᵀ over the batch: what a ranking reads."""
+    e = mean_pooled(outputs, batch)
+    s = e @ e.T
+    return s - s.mean(1, keepdim=True)
+
+
+SENSITIVITY_OUTPUTS: dict[str, Callable] = {"embedding": mean_pooled, "centered": centered_pooled,
+                                            "similarity": similarity_rows}
+
 _REFERENCE: dict[tuple, torch.Tensor] = {}
 
 
@@ -196,12 +217,13 @@ class RerankNDCG:
 def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("greedy", "welore", "uniform"),
         calibrations: Sequence[str] = ("none", "calib"), *, n_eval: int = 500, n_calib: int = 512,
         metrics: Mapping[str, Callable[[nn.Module, object], float]] | None = None,
-        configs: Sequence[tuple[float, str, str]] | None = None,
-        log: Callable[[str], None] = print) -> list[dict]:
+        configs: Sequence[tuple[float, str, str] | tuple[float, str, str, str]] | None = None,
+        sensitivity_output: str = "embedding", log: Callable[[str], None] = print) -> list[dict]:
     """The benchmark loop; returns one row per configuration (plus the uncompressed baseline).
 
-    ``configs``: explicit (budget, calibration, method) triples run in that order instead of the full grid
-    budgets × calibrations × methods.
+    ``configs``: explicit (budget, calibration, method[, sensitivity output]) tuples run in that order instead
+    of the full grid budgets × calibrations × methods. ``sensitivity_output`` (a key of
+    :data:`SENSITIVITY_OUTPUTS`) is the model output greedy measures each layer's sensitivity on.
     """
     from lowrank.compress import compress_model
 
@@ -218,15 +240,23 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
     if configs is None:
         configs = [(b, c, m) for b in budgets for c in calibrations for m in methods]
     log("# uncompressed: " + " ".join(f"{k} {rows[0][k]:.4f}" for k in extra))
-    for budget, calib, method in configs:
+    for cfg in configs:
+        budget, calib, method = cfg[:3]
+        sens = cfg[3] if len(cfg) > 3 else sensitivity_output
         t_cfg = time.perf_counter()
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
+        floor = 0.0
+        if method.startswith("greedy@"):  # greedy@φ: greedy with a floor of φ × the uniform rank per layer
+            method, floor = "greedy", float(method.split("@", 1)[1])
         report = compress_model(model, budget, method, calib_texts if calib == "calib" else None,
-                                tokenizer=tok, targets=targets, output_fn=mean_pooled, progress=False)
+                                greedy_floor=floor,
+                                tokenizer=tok, targets=targets, output_fn=SENSITIVITY_OUTPUTS[sens],
+                                progress=False)
         t_comp = time.perf_counter() - t0
         cos = evaluate_embedding_cosine(model, tok, eval_texts, reference)
-        row = {"budget": budget, "method": method, "calibration": calib,
+        row = {"budget": budget, "method": method if method != "greedy" else f"greedy@{floor:g}/{sens}",
+               "calibration": calib,
                "params": report.params_after, "params_before": report.params_before,
                "ratio": report.ratio,
                "model_params": report.model_params_after, "cosine": cos, "seconds": t_comp,
@@ -267,21 +297,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="nDCG@10: a fixed seeded sample of this many SciFact test queries (300 = all; 0 = skip)")
     p.add_argument("--ndcg-depth", type=int, default=100, help="nDCG@10: rerank BM25's top this many (>= 10)")
     p.add_argument("--ndcg-seed", type=int, default=0, help="seed of the query sample")
-    p.add_argument("--configs", nargs="+", default=None, metavar="BUDGET:CALIB:METHOD",
-                   help="explicit configurations, e.g. 0.7:calib:greedy 0.7:none:uniform (overrides the grid "
-                        "of --budgets × --calibrations × --methods)")
+    p.add_argument("--configs", nargs="+", default=None, metavar="BUDGET:CALIB:METHOD[:OUTPUT]",
+                   help="explicit configurations, e.g. 0.7:calib:greedy:similarity 0.7:none:uniform (overrides "
+                        "the grid of --budgets × --calibrations × --methods)")
+    p.add_argument("--sensitivity-output", default="embedding", choices=sorted(SENSITIVITY_OUTPUTS),
+                   help="what greedy measures layer sensitivity on (default: the pooled embedding)")
     args = p.parse_args(argv)
     configs = None
     if args.configs:
         configs = []
         for c in args.configs:
+            parts = c.split(":")
             try:
-                b, cal, m = c.split(":")
-                configs.append((float(b), cal, m))
+                if len(parts) not in (3, 4):
+                    raise ValueError
+                configs.append((float(parts[0]), *parts[1:]))
             except ValueError:
-                p.error(f"--configs: {c!r} is not BUDGET:CALIB:METHOD")
-            if cal not in ("none", "calib"):
-                p.error(f"--configs: calibration must be none or calib, got {cal!r}")
+                p.error(f"--configs: {c!r} is not BUDGET:CALIB:METHOD[:OUTPUT]")
+            if parts[1] not in ("none", "calib"):
+                p.error(f"--configs: calibration must be none or calib, got {parts[1]!r}")
+            if len(parts) == 4 and parts[3] not in SENSITIVITY_OUTPUTS:
+                p.error(f"--configs: output must be one of {sorted(SENSITIVITY_OUTPUTS)}, got {parts[3]!r}")
     if not (DATA / "corpus.jsonl").is_file():
         print(f"SciFact data not found at {DATA}: skipping")
         return 0
@@ -310,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics["ndcg@10"] = ndcg
     t0 = time.perf_counter()
     rows = run(args.budgets, args.methods, args.calibrations, n_eval=args.n_eval, n_calib=args.n_calib,
-               metrics=metrics, configs=configs, log=log)
+               metrics=metrics, configs=configs, sensitivity_output=args.sensitivity_output, log=log)
     if ndcg is not None:
         rows.insert(0, {"budget": "-", "method": f"BM25 alone (top {ndcg.depth})", "calibration": "-",
                         "params": None, "cosine": None, "ndcg@10": ndcg.bm25_ndcg})

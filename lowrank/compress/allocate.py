@@ -208,17 +208,32 @@ def allocate_welore(layers: Sequence[LayerShape], spectra: Mapping[str, torch.Te
 
 def allocate_greedy(layers: Sequence[LayerShape], spectra: Mapping[str, torch.Tensor],
                     energies: Mapping[str, float], budget: float, *,
-                    weights: Mapping[str, float] | None = None) -> dict[str, int | None]:
+                    weights: Mapping[str, float] | None = None, floor: float = 0.0) -> dict[str, int | None]:
     """Global marginal-gain allocation (module docstring).
 
     Args:
         spectra: {name: singular values σ [r] of the layer in its metric, descending}.
         energies: {name: Eₗ = ‖Mₗ‖_F²} (≥ Σσ²; the remainder is energy beyond a partial spectrum).
         weights: {name: wₗ ≥ 0}, end-to-end sensitivities (default 1 for every layer).
+        floor: φ ∈ [0, 1]: every layer starts at max(1, ⌊φ·k̄ₗ⌋) instead of rank 1, where k̄ₗ is the rank
+            :func:`allocate_uniform` gives it at the same budget (k_max when uniform keeps it dense); only the
+            rest of the budget is placed by marginal gain. φ = 0 is the plain greedy, φ = 1 is uniform. Why:
+            the gains are predicted from a first-order, per-layer-additive model of the distortion; a layer
+            that model ranks low can be cut to a handful of ranks, and what those ranks carried (fine
+            distinctions a ranking reads but a mean-squared distortion averages away) is lost. The floor
+            bounds how far greedy may move from uniform.
     """
     _check_layers(layers)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be a number in [0, 1], got {floor!r}")
     limit = budget_limit(layers, budget)
     _minimum(layers, limit, budget)
+    start = {s.name: 1 for s in layers}
+    if floor > 0:
+        uni, _ = allocate_uniform(layers, budget)
+        for s in layers:
+            k_uni = uni[s.name] if uni[s.name] is not None else max_saving_rank(s.out_features, s.in_features)
+            start[s.name] = max(1, math.floor(floor * k_uni + 1e-9))
     ranks: dict[str, int | None] = {}
     heap: list[tuple[float, int, int]] = []
     hulls: dict[int, list[list[tuple[int, float, str]]]] = {}
@@ -230,8 +245,9 @@ def allocate_greedy(layers: Sequence[LayerShape], spectra: Mapping[str, torch.Te
             ranks[s.name] = None
             used += _cost(s, None)
             continue
-        ranks[s.name] = 1
-        used += _cost(s, 1)
+        k0 = min(start[s.name], kmax)
+        ranks[s.name] = k0
+        used += _cost(s, k0)
         w = 1.0 if weights is None else float(weights[s.name])
         if not (math.isfinite(w) and w >= 0):
             raise ValueError(f"weights[{s.name!r}] must be finite and >= 0, got {w}")
@@ -240,7 +256,7 @@ def allocate_greedy(layers: Sequence[LayerShape], spectra: Mapping[str, torch.Te
         scale = w / energy if energy > 0 else 0.0
         if sig2.numel() < kmax:
             raise ValueError(f"spectra[{s.name!r}] has {sig2.numel()} values; need at least {kmax}")
-        items: list[tuple[int, float, str]] = [(m + n, float(g) * scale, "rank") for g in sig2[1:kmax]]
+        items: list[tuple[int, float, str]] = [(m + n, float(g) * scale, "rank") for g in sig2[k0:kmax]]
         tail = max(energy - float(sig2[:kmax].sum()), 0.0)
         items.append((m * n - kmax * (m + n), tail * scale, "dense"))
         hulls[idx] = _concave_hull(items)

@@ -226,8 +226,8 @@ def compress_model(model: nn.Module, budget: float = 0.5, method: str = "greedy"
                    output_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None, ridge: float = 1e-4,
                    alpha: float = 0.5, min_reduction: float = 0.0, batch_size: int = 32,
-                   max_length: int = 128, probe_sequences: int = 64, progress: bool = True,
-                   seed: int = 0) -> CompressionReport:
+                   max_length: int = 128, probe_sequences: int = 64, greedy_floor: float = 0.0,
+                   progress: bool = True, seed: int = 0) -> CompressionReport:
     """Compress ``model``'s Linear layers IN PLACE into LowRankLinear layers under one parameter budget.
 
     The target Linears are replaced (``setattr`` on their parents) by new :class:`LowRankLinear` modules;
@@ -256,6 +256,8 @@ def compress_model(model: nn.Module, budget: float = 0.5, method: str = "greedy"
         batch_size, max_length: tokenization of text calibration.
         probe_sequences: sensitivity is measured on the first batches holding this many sequences (one model
             pass per target layer: the dominant cost of greedy); synthetic probes use this many sequences.
+        greedy_floor: greedy only: every layer keeps at least this fraction of the rank uniform would give it
+            (see :func:`lowrank.compress.allocate.allocate_greedy`'s ``floor``); 0 = plain greedy.
         progress: tqdm bars. seed: synthetic probes and randomized SVD.
 
     Returns:
@@ -267,6 +269,9 @@ def compress_model(model: nn.Module, budget: float = 0.5, method: str = "greedy"
         TypeError: model not an nn.Module; budget not a number.
     """
     budget = check_budget(budget)
+    if isinstance(greedy_floor, bool) or not isinstance(greedy_floor, (int, float)) or \
+            not 0.0 <= greedy_floor <= 1.0:
+        raise ValueError(f"greedy_floor must be a number in [0, 1], got {greedy_floor!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if factorization not in FACTORIZATIONS:
@@ -349,7 +354,8 @@ def compress_model(model: nn.Module, budget: float = 0.5, method: str = "greedy"
             weights = {n: v[2] for n, v in sens.items()}
         details["sensitivity"] = source
         ranks = allocate_greedy(shapes, {n: spectra[n].s for n in spectra},
-                                {n: spectra[n].total_energy for n in spectra}, budget, weights=weights) \
+                                {n: spectra[n].total_energy for n in spectra}, budget, weights=weights,
+                                floor=greedy_floor) \
             if fact_shapes else {s.name: None for s in shapes}
         for s in shapes:
             ranks.setdefault(s.name, None)

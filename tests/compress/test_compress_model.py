@@ -392,3 +392,28 @@ def test_minilm_greedy_without_calibration_probes_random_tokens(minilm):
     enc = tok(SENTENCES[:2], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model(**enc).last_hidden_state).all()
+
+
+def test_greedy_floor_bounds_the_distance_from_uniform():
+    from lowrank.compress.allocate import LayerShape, allocate_greedy, allocate_uniform, allocation_params
+
+    gen = torch.Generator().manual_seed(3)
+    layers = [LayerShape(f"l{i}", m, n, True) for i, (m, n) in enumerate([(64, 48), (96, 64), (33, 80), (64, 64)])]
+    # very different spectra: greedy alone starves the flat ones
+    spectra = {s.name: torch.sort(torch.rand(s.min_dim, generator=gen) ** (1 + 6 * i), descending=True).values
+               for i, s in enumerate(layers)}
+    energies = {k: float((v ** 2).sum()) for k, v in spectra.items()}
+    uni, _ = allocate_uniform(layers, 0.5)
+    plain = allocate_greedy(layers, spectra, energies, 0.5)
+    for floor in (0.0, 0.5, 1.0):
+        ranks = allocate_greedy(layers, spectra, energies, 0.5, floor=floor)
+        assert allocation_params(layers, ranks) <= allocation_params(layers, {s.name: None for s in layers}) * 0.5
+        for s in layers:
+            k_uni = uni[s.name] if uni[s.name] is not None else min(s.out_features, s.in_features)
+            k = ranks[s.name] if ranks[s.name] is not None else min(s.out_features, s.in_features)
+            assert k >= max(1, int(floor * k_uni)), (floor, s.name, k, k_uni)
+    assert allocate_greedy(layers, spectra, energies, 0.5, floor=0.0) == plain
+    assert min(k for k in plain.values() if k is not None) < min(k for k in uni.values() if k is not None)
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="floor"):
+            allocate_greedy(layers, spectra, energies, 0.5, floor=bad)
