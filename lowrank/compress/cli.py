@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
                    help=".txt (one text per line) or .jsonl ('text' field) of calibration texts")
     p.add_argument("--calibration-count", type=int, default=256, help="texts read from --calibration (256)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration text (128)")
+    p.add_argument("--greedy-floor", type=float, default=0.75,
+                   help="greedy: every layer keeps at least this fraction of its uniform rank (0.75; 0 = plain)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     texts = read_texts(args.calibration, args.calibration_count) if args.calibration else None
     report = compress_model(model, args.budget, args.method, texts, tokenizer=tokenizer,
-                            max_length=args.max_length, progress=not args.no_progress)
+                            max_length=args.max_length, greedy_floor=args.greedy_floor,
+                            progress=not args.no_progress)
     print(report)
     save_compressed(model, report, args.out)
     tokenizer.save_pretrained(args.out)
