@@ -22,6 +22,7 @@
 namespace lowrank::cpu {
 
 bool multi_lora_avx512() {
+  // has_amx_bf16() (used below for bf16) implies AVX512-BF16, so this switch turns the AMX paths off too.
   static const bool ok = [] {
     const char* off = std::getenv("LOWRANK_DISABLE_AVX512");
     return has_avx512_bf16() && !(off != nullptr && std::strcmp(off, "1") == 0);
@@ -232,11 +233,16 @@ LOWRANK_SEG_AVX512 void tn_cols(const T* Z, int64_t ldz, const int64_t* perm, in
   }
 }
 
-// (segment, first row) work items of TT rows each, over all segments: one parallel_for covers every adapter.
-std::vector<std::pair<int64_t, int64_t>> row_items(const std::vector<Segment>& segs) {
-  std::vector<std::pair<int64_t, int64_t>> items;
+// Work items of at most TT consecutive rows (in the segment order) of one segment, over all segments: one
+// parallel_for covers every adapter.
+struct RowItem {
+  int64_t seg, i0, cnt;
+};
+std::vector<RowItem> row_items(const std::vector<Segment>& segs) {
+  std::vector<RowItem> items;
   for (size_t s = 0; s < segs.size(); ++s)
-    for (int64_t i = segs[s].begin; i < segs[s].end; i += TT) items.emplace_back(static_cast<int64_t>(s), i);
+    for (int64_t i = segs[s].begin; i < segs[s].end; i += TT)
+      items.push_back({static_cast<int64_t>(s), i, std::min<int64_t>(TT, segs[s].end - i)});
   return items;
 }
 
@@ -246,14 +252,14 @@ void shrink_avx512(const at::Tensor& z2, const int64_t* perm, const std::vector<
   const int64_t K = z2.size(1), ldz = z2.stride(0), ldh = h.stride(0);
   std::vector<at::Tensor> mc;
   for (const auto& t : m) mc.push_back(t.to(z2.scalar_type()).contiguous());
+  const auto items = row_items(segs);
   const T* Z = z2.const_data_ptr<T>();
   float* H = h.mutable_data_ptr<float>();
-  const auto items = row_items(segs);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const auto [s, i0] = items[b];
-      const Segment& g = segs[s];
-      shrink_tile<T>(Z, ldz, perm, i0, std::min<int64_t>(TT, g.end - i0), mc[s].const_data_ptr<T>(), K, K, g.rank,
+      const RowItem& it = items[b];
+      const Segment& g = segs[it.seg];
+      shrink_tile<T>(Z, ldz, perm, it.i0, it.cnt, mc[it.seg].const_data_ptr<T>(), K, K, g.rank,
                      static_cast<float>(g.scale), H, ldh);
     }
   });
@@ -278,12 +284,12 @@ void expand_avx512(at::Tensor& y2, const int64_t* perm, const std::vector<Segmen
   const auto items = row_items(segs);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const auto [s, i0] = items[b];
-      const Segment& g = segs[s];
-      const float* N = np[s].const_data_ptr<float>();
-      const int64_t Np = np[s].size(1), cnt = std::min<int64_t>(TT, g.end - i0);
+      const RowItem& it = items[b];
+      const float* N = np[it.seg].const_data_ptr<float>();
+      const int64_t Np = np[it.seg].size(1);
       for (int64_t n0 = 0; n0 < Nout; n0 += CV * L)
-        expand_tile<T>(Y, ldy, perm, i0, cnt, H, ldh, g.rank, N, Np, n0, std::min<int64_t>(CV * L, Nout - n0));
+        expand_tile<T>(Y, ldy, perm, it.i0, it.cnt, H, ldh, segs[it.seg].rank, N, Np, n0,
+                       std::min<int64_t>(CV * L, Nout - n0));
     }
   });
 }
@@ -315,6 +321,10 @@ at::Tensor segment_shrink(const at::Tensor& z2, const at::Tensor& perm, const st
                           const std::vector<at::Tensor>& m, int64_t rows, int64_t rmax) {
   at::Tensor h = at::zeros({rows, rmax}, z2.options().dtype(acc_dtype(z2.scalar_type())));
   if (segs.empty()) return h;
+  if (segment_amx_supported(z2)) {
+    segment_shrink_amx(z2, perm.const_data_ptr<int64_t>(), segs, m, h);
+    return h;
+  }
 #if LOWRANK_SEG_AVX512_KERNELS
   if (use_avx512(z2)) {
     const int64_t* p = perm.const_data_ptr<int64_t>();
@@ -333,6 +343,10 @@ at::Tensor segment_shrink(const at::Tensor& z2, const at::Tensor& perm, const st
 void segment_expand_add_(at::Tensor& y2, const at::Tensor& perm, const std::vector<Segment>& segs,
                          const at::Tensor& h, const std::vector<at::Tensor>& n) {
   if (segs.empty()) return;
+  if (segment_amx_supported(y2) && h.scalar_type() == at::kFloat) {
+    segment_expand_amx(y2, perm.const_data_ptr<int64_t>(), segs, h, n);
+    return;
+  }
 #if LOWRANK_SEG_AVX512_KERNELS
   if (use_avx512(y2) && h.scalar_type() == at::kFloat) {
     const int64_t* p = perm.const_data_ptr<int64_t>();

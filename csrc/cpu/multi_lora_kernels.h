@@ -9,7 +9,7 @@
 //   segment_shrink:      H[i, k]  = s_a·Σ_j Z[perm[i], j]·M_a[k, j]       k < rank_a        (x·Aᵀ, g·B)
 //   segment_expand_add_: Y[perm[i], :] += Σ_k H[i, k]·N_a[k, :]           k < rank_a        (h·Bᵀ, gB·A)
 //   segment_tn:          O_a[k, :] = Σ_i H[i, k]·Z[perm[i], :]            i in segment a    (dA, dB)
-// AVX-512 paths (bf16 with AVX512-BF16 dot products, fp32 with FMA; fp32 accumulation) are chosen at run time
+// AMX tiles for bf16 where the CPU has them (cpu/multi_lora_amx.cpp); AVX-512 paths (bf16 with AVX512-BF16 dot products, fp32 with FMA; fp32 accumulation) are chosen at run time
 // by CPUID (multi_lora_avx512()); elsewhere (AVX2-only CPUs, fp16, fp64) the same products run through ATen on
 // a block buffer of at most kSegBlock gathered rows, so the portable path also never copies a whole activation.
 #pragma once
@@ -52,5 +52,13 @@ void segment_expand_add_(at::Tensor& y2, const at::Tensor& perm, const std::vect
 // out[s] = Σ_i H[i, :rank_s]ᵀ·Z[perm[i], :] [rank_s, K] in the accumulation dtype, one per segment.
 std::vector<at::Tensor> segment_tn(const at::Tensor& h, const at::Tensor& perm, const std::vector<Segment>& segs,
                                    const at::Tensor& z2);
+
+// AMX-BF16 tile versions (cpu/multi_lora_amx.cpp), used by the three functions above for bf16 when the CPU has
+// AMX (and multi_lora_avx512() holds): the shrink for Z and the expand for Y bf16 with unit column stride.
+bool segment_amx_supported(const at::Tensor& t);
+void segment_shrink_amx(const at::Tensor& z2, const int64_t* perm, const std::vector<Segment>& segs,
+                        const std::vector<at::Tensor>& m, at::Tensor& h);
+void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<Segment>& segs, const at::Tensor& h,
+                        const std::vector<at::Tensor>& n);
 
 }  // namespace lowrank::cpu
