@@ -25,7 +25,7 @@ from torch import nn
 from lowrank.cli import peft_available
 from lowrank.ops import adapter_segments, multi_lora_linear
 
-BENCHMARKED_OPS = {"multi_lora_linear", "multi_lora_linear_backward"}
+BENCHMARKED_OPS = {"multi_lora_linear", "multi_lora_linear_backward", "multi_lora_linear_triton"}
 
 R, ALPHA, N_ADAPTERS, SEQS = 16, 32, 4, 8
 SHAPES = ((2048, 768, 768), (2048, 768, 3072), (512, 4096, 4096), (8, 4096, 4096))
@@ -146,3 +146,32 @@ def test_multi_lora(run_benchmark, benchmark, dtype, shape, mode, impl):
     else:
         run_benchmark(step)
         assert all(p.grad is not None for p in peers.trainable(impl)), f"{impl}: no factor gradients"
+
+
+@pytest.mark.parametrize("impl", ["linear", "cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_multi_lora_gpu(run_benchmark, benchmark, shape, dtype, impl):
+    """GPU forward: cuBLAS nn.Linear (the floor) vs the "cuda" and "triton" backends, 4 adapters mixed. Skipped
+    without CUDA: on CPU the Triton kernel runs in its (slow) interpreter, whose speed means nothing."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; Triton on CPU runs only in its (slow) interpreter")
+    T, in_f, out_f = shape
+    kw = {"device": torch.device("cuda"), "dtype": dtype}
+    x = torch.randn(T, in_f, **kw)
+    w = torch.randn(out_f, in_f, **kw) * in_f ** -0.5
+    b = torch.randn(out_f, **kw)
+    a = torch.randn(N_ADAPTERS, R, in_f, **kw) * in_f ** -0.5
+    bb = torch.randn(N_ADAPTERS, out_f, R, **kw)
+    seg = adapter_segments((torch.arange(T, device=kw["device"]) * N_ADAPTERS) // T, N_ADAPTERS)
+    s = [ALPHA / R] * N_ADAPTERS
+    benchmark.group = f"gpu-fwd-{_dtype_name(dtype)}-{T}x{in_f}x{out_f}"
+    benchmark.extra_info.update(impl=impl, mode="fwd", dtype=_dtype_name(dtype), T=T, r=R, adapters=N_ADAPTERS)
+
+    def step():
+        out = (torch.nn.functional.linear(x, w, b) if impl == "linear"
+               else multi_lora_linear(x, w, b, a, bb, seg, s, backend=impl))
+        torch.cuda.synchronize()
+        return out
+    with torch.inference_mode():
+        run_benchmark(step)

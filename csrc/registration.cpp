@@ -38,6 +38,11 @@ TORCH_LIBRARY(lowrank, m) {
       "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
       "Tensor scaling, Tensor perm, Tensor offsets, Tensor? ranks, bool[4] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The same forward run by the Triton kernel (lowrank/kernels/triton/multi_lora_linear.py registers its CPU
+  // (interpreter) and CUDA implementations when triton is importable). Backward: multi_lora_linear_backward.
+  m.def(
+      "multi_lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor perm, Tensor offsets, Tensor? ranks) -> Tensor");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -14,7 +14,8 @@ Token-level semantics: a superset of PEFT's per-sample ``adapter_names``. The se
 
 Ops (schemas in csrc/registration.cpp):
   * ``lowrank::multi_lora_linear``: forward (C++: csrc/cpu/multi_lora_linear.cpp);
-  * ``lowrank::multi_lora_linear_backward``: (dx, dW, dA, dB) under an output mask; the bias gradient is a row sum.
+  * ``lowrank::multi_lora_linear_backward``: (dx, dW, dA, dB) under an output mask; the bias gradient is a row sum;
+  * ``lowrank::multi_lora_linear_triton``: the forward run by the Triton kernel (kernels/triton/multi_lora_linear.py).
 This module holds their fakes and autograd. Gradients flow to x, weight, bias, lora_a and lora_b (zero for
 adapters no token uses); not to scaling, which is a per-adapter constant.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank.ops._backends import Backend, has_kernel, select
+from lowrank.ops._backends import Backend, has_kernel, select, triton_reasons
 from lowrank.reference import multi_lora_linear as _reference
 
 __all__ = ["AdapterSegments", "adapter_segments", "multi_lora_linear", "BACKENDS"]
@@ -103,9 +104,12 @@ def adapter_segments(adapter_ids: torch.Tensor, n_adapters: int) -> AdapterSegme
 
 
 # ---- fake (meta) implementations -------------------------------------------------------------------------
-@torch.library.register_fake("lowrank::multi_lora_linear")
 def _fake_forward(x, weight, bias, lora_a, lora_b, scaling, perm, offsets, ranks):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+torch.library.register_fake("lowrank::multi_lora_linear")(_fake_forward)
+torch.library.register_fake("lowrank::multi_lora_linear_triton")(_fake_forward)
 
 
 @torch.library.register_fake("lowrank::multi_lora_linear_backward")
@@ -130,6 +134,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("lowrank::multi_lora_linear", _backward, setup_context=_setup_context)
+torch.library.register_autograd("lowrank::multi_lora_linear_triton", _backward, setup_context=_setup_context)
 
 
 def _no_double_backward(ctx, *grads):
@@ -152,23 +157,14 @@ def _run_reference(x, weight, bias, lora_a, lora_b, scaling, seg, ranks):
 
 
 def _triton_probe(device_type: str) -> tuple[str, ...]:
-    from lowrank.ops._backends import triton_reasons
-
     reasons = triton_reasons(device_type)
-    if not reasons and not has_triton_kernel():
-        return ("the Triton kernel of multi_lora_linear is not available",)
+    if not reasons:
+        # Importing the kernel module registers its implementation of lowrank::multi_lora_linear_triton.
+        import lowrank.kernels.triton.multi_lora_linear  # noqa: F401
     return reasons
 
 
-def has_triton_kernel() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("lowrank.kernels.triton.multi_lora_linear") is not None
-
-
 def _run_triton(x, weight, bias, lora_a, lora_b, scaling, seg, ranks):
-    import lowrank.kernels.triton.multi_lora_linear  # noqa: F401  (registers the triton op)
-
     return torch.ops.lowrank.multi_lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, seg.perm,
                                                       seg.offsets, ranks)
 
