@@ -1,6 +1,7 @@
 // AMX-BF16 tile versions of the segmented shrink and expand (contract in multi_lora_kernels.h), bf16 only:
 //   shrink:  H[i, :rank] = s_a·Z[perm[i], :]·M_aᵀ                 16 tokens × 16 ranks per C tile
 //   expand:  Y[perm[i], :] += H[i, :rank]·N_a                      16 tokens × 16 columns per C tile
+//   tn:      O_a = Σ_i H[i, :rank_a]ᵀ·Z[perm[i], :]                 16 ranks × 64 columns, 32 tokens a step
 // Why: the AVX-512 dot / FMA kernels run the rank-r products at ~70–140 GFLOP/s per core, while the base GEMM
 // runs on the tile unit at >1 TFLOP/s; with r = 16 the LoRA products then cost 40–60% of a 768-wide base layer.
 // One TDPBF16PS is 16×16×32 MACs. The A tiles are 16 token rows: read in place when the 16 tokens are consecutive
@@ -43,10 +44,23 @@ using bf16 = c10::BFloat16;
 // tiles (B[p][j][e] = M[16g + j][2p + e]), zero padded.
 at::Tensor pack_vnni(const at::Tensor& m) {
   const int64_t r = m.size(0), K = m.size(1), G = (r + 15) / 16, P = (K + 31) / 32 * 16;
-  at::Tensor padded = at::zeros({G * 16, P * 2}, m.options().dtype(at::kBFloat16));
-  padded.narrow(0, 0, r).narrow(1, 0, K).copy_(m);
-  // [G, 16, P, 2] → [G, P, 16, 2]
-  return padded.view({G, 16, P, 2}).permute({0, 2, 1, 3}).contiguous();
+  // Plain loops in M's memory order: a TensorIterator copy into the permuted [.., 16, 2] view runs element by
+  // element (inner extent 2) and cost milliseconds per call at 4096 × 16.
+  const at::Tensor mb = m.scalar_type() == at::kBFloat16 ? m : m.to(at::kBFloat16);
+  at::Tensor out = at::zeros({G, P, 16, 2}, m.options().dtype(at::kBFloat16));
+  const bf16* M = mb.const_data_ptr<bf16>();
+  bf16* O = out.mutable_data_ptr<bf16>();
+  const int64_t s0 = mb.stride(0), s1 = mb.stride(1);
+  if (s1 <= s0) {
+    for (int64_t j = 0; j < r; ++j) {
+      bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
+      for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < r; ++j) O[(j / 16) * P * 32 + (k / 2) * 32 + (j % 16) * 2 + (k % 2)] = M[j * s0 + k * s1];
+  }
+  return out;
 }
 
 LOWRANK_SEG_AMX_BF16 void config_tiles() {
@@ -81,6 +95,19 @@ LOWRANK_SEG_AMX_BF16 const bf16* a_rows(const bf16* Z, int64_t ldz, int64_t K, i
   }
   *lda = Kp;
   return scratch;
+}
+
+// Interleave two token rows of a 32-column piece into the VNNI pairs of two B tiles: b0[p] = (r0[k], r1[k]) for
+// k < 16, b1 for k = 16..31 (a missing row reads as zeros).
+LOWRANK_SEG_AMX_BF16 inline void pair_rows(const bf16* r0, const bf16* r1, __mmask32 m, bf16* b0, bf16* b1) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                      37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                      22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  const __m512i a = r0 ? _mm512_maskz_loadu_epi16(m, r0) : _mm512_setzero_si512();
+  const __m512i b = r1 ? _mm512_maskz_loadu_epi16(m, r1) : _mm512_setzero_si512();
+  _mm512_storeu_si512(b0, _mm512_permutex2var_epi16(a, lo, b));
+  _mm512_storeu_si512(b1, _mm512_permutex2var_epi16(a, hi, b));
 }
 
 // (segment, first row) items of 16 rows each, over all segments.
@@ -178,6 +205,76 @@ void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<S
     }();
   });
 }
+std::vector<at::Tensor> segment_tn_amx(const at::Tensor& h, const int64_t* perm, const std::vector<Segment>& segs,
+                                       const at::Tensor& z2) {
+  // O_a [rank, K] = Σ_i H[i, :rank]ᵀ·Z[perm[i], :]: A tiles = Hᵀ (16 ranks × 32 tokens, H rounded to bf16 as the
+  // unfused layer's gB / h are), B tiles = 32 gathered token rows × 16 columns interleaved into VNNI pairs in a
+  // 4 KB scratch, 4 C tiles = 16 ranks × 64 columns. Work items: (segment, 64-column chunk).
+  const int64_t K = z2.size(1), ldz = z2.stride(0), ldh = h.stride(0), chunks = (K + 63) / 64;
+  std::vector<at::Tensor> out;
+  for (const Segment& g : segs) out.push_back(at::empty({g.rank, K}, z2.options().dtype(at::kFloat)));
+  const bf16* Z = z2.const_data_ptr<bf16>();
+  const float* H = h.const_data_ptr<float>();
+  const int64_t items = static_cast<int64_t>(segs.size()) * chunks;
+  at::parallel_for(0, items, 1, [&](int64_t b0, int64_t b1) {
+    [&]() LOWRANK_SEG_AMX_BF16 {
+      alignas(64) bf16 at_[16][32];
+      alignas(64) bf16 bt[4][16][32];
+      alignas(64) float c[16][16];
+      config_tiles();
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t s = b / chunks, c0 = (b % chunks) * 64, cols = std::min<int64_t>(64, K - c0);
+        const Segment& g = segs[s];
+        float* O = out[s].mutable_data_ptr<float>();
+        for (int64_t r0 = 0; r0 < g.rank; r0 += 16) {
+          const int64_t nr = std::min<int64_t>(16, g.rank - r0);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t t0 = g.begin; t0 < g.end; t0 += 32) {
+            const int64_t nt = std::min<int64_t>(32, g.end - t0);
+            for (int64_t j = 0; j < 16; ++j)
+              for (int64_t t = 0; t < 32; ++t)
+                at_[j][t] = (j < nr && t < nt) ? bf16(H[(t0 + t) * ldh + r0 + j]) : bf16(0.f);
+            for (int half = 0; half < 2; ++half) {
+              const int64_t cc = c0 + 32 * half, w = std::min<int64_t>(32, K - cc);
+              const __mmask32 m = w >= 32 ? (__mmask32)0xFFFFFFFFu : (w <= 0 ? (__mmask32)0 : (__mmask32)((1u << w) - 1u));
+              for (int64_t p = 0; p < 16; ++p) {
+                const int64_t t = 2 * p;
+                pair_rows(t < nt ? Z + perm[t0 + t] * ldz + cc : nullptr,
+                          t + 1 < nt ? Z + perm[t0 + t + 1] * ldz + cc : nullptr, m, bt[2 * half][p],
+                          bt[2 * half + 1][p]);
+              }
+            }
+            _tile_loadd(4, at_, 64);
+            _tile_loadd(5, bt[0], 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, bt[1], 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, bt[2], 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, bt[3], 64);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+          for (int t = 0; t < 4; ++t) {
+            const int64_t cc = c0 + 16 * t, w = std::min<int64_t>(16, cols - 16 * t);
+            if (w <= 0) break;
+            switch (t) {  // tile numbers are immediates
+              case 0: _tile_stored(0, c, 64); break;
+              case 1: _tile_stored(1, c, 64); break;
+              case 2: _tile_stored(2, c, 64); break;
+              default: _tile_stored(3, c, 64); break;
+            }
+            for (int64_t j = 0; j < nr; ++j) std::copy_n(c[j], w, O + (r0 + j) * K + cc);
+          }
+        }
+      }
+      release_tiles();
+    }();
+  });
+  return out;
+}
 #else
 void segment_shrink_amx(const at::Tensor&, const int64_t*, const std::vector<Segment>&, const std::vector<at::Tensor>&,
                         at::Tensor&) {
@@ -186,6 +283,10 @@ void segment_shrink_amx(const at::Tensor&, const int64_t*, const std::vector<Seg
 void segment_expand_amx(at::Tensor&, const int64_t*, const std::vector<Segment>&, const at::Tensor&,
                         const std::vector<at::Tensor>&) {
   TORCH_CHECK(false, "segment_expand_amx: not built with AMX support");
+}
+std::vector<at::Tensor> segment_tn_amx(const at::Tensor&, const int64_t*, const std::vector<Segment>&,
+                                       const at::Tensor&) {
+  TORCH_CHECK(false, "segment_tn_amx: not built with AMX support");
 }
 #endif
 

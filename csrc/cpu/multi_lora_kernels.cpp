@@ -364,6 +364,8 @@ void segment_expand_add_(at::Tensor& y2, const at::Tensor& perm, const std::vect
 std::vector<at::Tensor> segment_tn(const at::Tensor& h, const at::Tensor& perm, const std::vector<Segment>& segs,
                                    const at::Tensor& z2) {
   if (segs.empty()) return {};
+  if (segment_amx_supported(z2) && h.scalar_type() == at::kFloat)
+    return segment_tn_amx(h, perm.const_data_ptr<int64_t>(), segs, z2);
 #if LOWRANK_SEG_AVX512_KERNELS
   if (use_avx512(z2) && h.scalar_type() == at::kFloat) {
     const int64_t* p = perm.const_data_ptr<int64_t>();

@@ -54,11 +54,13 @@ std::vector<at::Tensor> segment_tn(const at::Tensor& h, const at::Tensor& perm, 
                                    const at::Tensor& z2);
 
 // AMX-BF16 tile versions (cpu/multi_lora_amx.cpp), used by the three functions above for bf16 when the CPU has
-// AMX (and multi_lora_avx512() holds): the shrink for Z and the expand for Y bf16 with unit column stride.
+// AMX (and multi_lora_avx512() holds): Z (shrink, tn) or Y (expand) bf16 with unit column stride.
 bool segment_amx_supported(const at::Tensor& t);
 void segment_shrink_amx(const at::Tensor& z2, const int64_t* perm, const std::vector<Segment>& segs,
                         const std::vector<at::Tensor>& m, at::Tensor& h);
 void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<Segment>& segs, const at::Tensor& h,
                         const std::vector<at::Tensor>& n);
+std::vector<at::Tensor> segment_tn_amx(const at::Tensor& h, const int64_t* perm, const std::vector<Segment>& segs,
+                                       const at::Tensor& z2);
 
 }  // namespace lowrank::cpu
