@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "cpu/amx_tiles.h"
 #include "cpu/lowrank_kernels.h"
@@ -40,18 +41,39 @@ namespace {
 
 using bf16 = c10::BFloat16;
 
+// O[(g·P + p)·16 + j] = M[(16g + j)·ld + p] in 32-bit words, rows 16g + j < r, pairs p < kp (the rest stays 0).
+LOWRANK_SEG_AMX_BF16 void gather_pairs(const int32_t* M, int64_t ld, int64_t r, int64_t kp, int64_t G, int64_t P,
+                                       int32_t* O) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(ld)));
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t rows = std::min<int64_t>(16, r - 16 * g);
+    const __mmask16 m = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1u);
+    const int32_t* base = M + 16 * g * ld;
+    for (int64_t p = 0; p < kp; ++p)
+      _mm512_storeu_si512(O + (g * P + p) * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + p, 4));
+  }
+}
+
 // M [r, K] (any strides) → [G][P][16][2] bf16, G = ⌈r/16⌉ groups of 16 rows, P = ⌈K/32⌉·16 pairs of k: the B
-// tiles (B[p][j][e] = M[16g + j][2p + e]), zero padded.
-at::Tensor pack_vnni(const at::Tensor& m) {
+// tiles (B[p][j][e] = M[16g + j][2p + e]), zero padded, written into `out` (resized). The buffers are thread-local
+// and reused across calls: a fresh allocation of this size (256 KB for 4096 × 16) is mmapped by glibc and paid
+// again in page faults on every call (measured 130 µs per zero fill), more than the packing itself.
+void pack_vnni(const at::Tensor& m, std::vector<bf16>& out, int64_t* groups, int64_t* pairs) {
   const int64_t r = m.size(0), K = m.size(1), G = (r + 15) / 16, P = (K + 31) / 32 * 16;
-  // Plain loops in M's memory order: a TensorIterator copy into the permuted [.., 16, 2] view runs element by
-  // element (inner extent 2) and cost milliseconds per call at 4096 × 16.
   const at::Tensor mb = m.scalar_type() == at::kBFloat16 ? m : m.to(at::kBFloat16);
-  at::Tensor out = at::zeros({G, P, 16, 2}, m.options().dtype(at::kBFloat16));
+  out.assign(static_cast<size_t>(G * P * 32), bf16(0.f));
   const bf16* M = mb.const_data_ptr<bf16>();
-  bf16* O = out.mutable_data_ptr<bf16>();
+  bf16* O = out.data();
   const int64_t s0 = mb.stride(0), s1 = mb.stride(1);
-  if (s1 <= s0) {
+  // A pair (M[j][2p], M[j][2p + 1]) is one 32-bit word, so with unit column stride, an even row stride and even K
+  // the packing is a transpose of 32-bit words: one masked 16-lane gather per (group, pair). Otherwise plain loops
+  // in M's memory order (a TensorIterator copy into a permuted [.., 16, 2] view runs element by element, inner
+  // extent 2: milliseconds per call at 4096 × 16).
+  if (s1 == 1 && s0 % 2 == 0 && K % 2 == 0 && 16 * (s0 / 2) < (int64_t{1} << 30) &&
+      reinterpret_cast<uintptr_t>(M) % 4 == 0) {
+    gather_pairs(reinterpret_cast<const int32_t*>(M), s0 / 2, r, K / 2, G, P, reinterpret_cast<int32_t*>(O));
+  } else if (s1 <= s0) {
     for (int64_t j = 0; j < r; ++j) {
       bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
       for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
@@ -59,6 +81,25 @@ at::Tensor pack_vnni(const at::Tensor& m) {
   } else {
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < r; ++j) O[(j / 16) * P * 32 + (k / 2) * 32 + (j % 16) * 2 + (k % 2)] = M[j * s0 + k * s1];
+  }
+  *groups = G;
+  *pairs = P;
+}
+
+// Packed factors of every segment, in a per-thread pool reused across calls (see pack_vnni).
+struct Packed {
+  const bf16* data;
+  int64_t groups, pairs;
+};
+std::vector<Packed> pack_all(const std::vector<at::Tensor>& mats, bool transpose, int slot) {
+  static thread_local std::vector<std::vector<bf16>> pool[2];
+  auto& bufs = pool[slot];
+  if (bufs.size() < mats.size()) bufs.resize(mats.size());
+  std::vector<Packed> out;
+  for (size_t s = 0; s < mats.size(); ++s) {
+    int64_t g = 0, p = 0;
+    pack_vnni(transpose ? mats[s].t() : mats[s], bufs[s], &g, &p);
+    out.push_back({bufs[s].data(), g, p});
   }
   return out;
 }
@@ -123,23 +164,23 @@ std::vector<std::pair<int64_t, int64_t>> tile_items(const std::vector<Segment>& 
 void segment_shrink_amx(const at::Tensor& z2, const int64_t* perm, const std::vector<Segment>& segs,
                         const std::vector<at::Tensor>& m, at::Tensor& h) {
   const int64_t K = z2.size(1), Kp = (K + 31) / 32 * 32, chunks = Kp / 32, ldz = z2.stride(0), ldh = h.stride(0);
-  std::vector<at::Tensor> mp;
-  for (const auto& t : m) mp.push_back(pack_vnni(t));
+  const auto mp = pack_all(m, false, 0);
   const bf16* Z = z2.const_data_ptr<bf16>();
   float* H = h.mutable_data_ptr<float>();
   const auto items = tile_items(segs);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 2, [&](int64_t b0, int64_t b1) {
     [&]() LOWRANK_SEG_AMX_BF16 {
-      std::vector<bf16> scratch(16 * Kp);
+      static thread_local std::vector<bf16> scratch;
+      scratch.resize(static_cast<size_t>(16 * Kp));
       alignas(64) float c[16][16];
       config_tiles();
       for (int64_t b = b0; b < b1; ++b) {
         const auto [s, i0] = items[b];
         const Segment& g = segs[s];
-        const int64_t cnt = std::min<int64_t>(16, g.end - i0), G = mp[s].size(0), P = mp[s].size(1);
+        const int64_t cnt = std::min<int64_t>(16, g.end - i0), G = mp[s].groups, P = mp[s].pairs;
         int64_t lda = 0;
         const bf16* A = a_rows(Z, ldz, K, Kp, perm, i0, cnt, scratch.data(), &lda);
-        const bf16* MP = mp[s].const_data_ptr<bf16>();
+        const bf16* MP = mp[s].data;
         for (int64_t gi = 0; gi < G; ++gi) {
           _tile_zero(0);
           for (int64_t q = 0; q < chunks; ++q) {
@@ -163,8 +204,7 @@ void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<S
                         const at::Tensor& h, const std::vector<at::Tensor>& n) {
   const int64_t Nout = y2.size(1), ldy = y2.stride(0), ldh = h.stride(0);
   // N_a [rank, Nout] → B tiles over the rank: packing Nᵀ [Nout, rank] gives [⌈Nout/16⌉][Rp/2][16][2].
-  std::vector<at::Tensor> np;
-  for (const auto& t : n) np.push_back(pack_vnni(t.t()));
+  const auto np = pack_all(n, true, 1);
   bf16* Y = y2.mutable_data_ptr<bf16>();
   const float* H = h.const_data_ptr<float>();
   const auto items = tile_items(segs);
@@ -175,12 +215,12 @@ void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<S
       for (int64_t b = b0; b < b1; ++b) {
         const auto [s, i0] = items[b];
         const Segment& g = segs[s];
-        const int64_t cnt = std::min<int64_t>(16, g.end - i0), P = np[s].size(1), chunks = P / 16;
+        const int64_t cnt = std::min<int64_t>(16, g.end - i0), P = np[s].pairs, chunks = P / 16;
         // A tile source: H rows rounded to bf16, zero padded to whole 32-wide chunks of the rank.
         std::vector<bf16> ha(16 * P * 2, bf16(0.f));
         for (int64_t t = 0; t < cnt; ++t)
           for (int64_t k = 0; k < g.rank; ++k) ha[t * P * 2 + k] = bf16(H[(i0 + t) * ldh + k]);
-        const bf16* NP = np[s].const_data_ptr<bf16>();
+        const bf16* NP = np[s].data;
         bf16* yrow[16];
         for (int64_t t = 0; t < 16; ++t) yrow[t] = Y + perm[i0 + (t < cnt ? t : 0)] * ldy;
         for (int64_t n0 = 0; n0 < Nout; n0 += 16) {
