@@ -255,16 +255,28 @@ std::vector<at::Tensor> segment_tn_amx(const at::Tensor& h, const int64_t* perm,
   for (const Segment& g : segs) out.push_back(at::empty({g.rank, K}, z2.options().dtype(at::kFloat)));
   const bf16* Z = z2.const_data_ptr<bf16>();
   const float* H = h.const_data_ptr<float>();
+  // Hᵀ of every segment as A tiles, [⌈rank/16⌉][⌈tokens/32⌉][16][32] bf16, built once here rather than once per
+  // 64-column chunk (it is the same for all of them).
+  std::vector<std::vector<bf16>> ht(segs.size());
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const Segment& g = segs[s];
+    const int64_t G = (g.rank + 15) / 16, nc = (g.end - g.begin + 31) / 32;
+    ht[s].assign(static_cast<size_t>(G * nc * 512), bf16(0.f));
+    for (int64_t i = g.begin; i < g.end; ++i) {
+      const int64_t c = (i - g.begin) / 32, t = (i - g.begin) % 32;
+      for (int64_t k = 0; k < g.rank; ++k) ht[s][((k / 16) * nc + c) * 512 + (k % 16) * 32 + t] = bf16(H[i * ldh + k]);
+    }
+  }
   const int64_t items = static_cast<int64_t>(segs.size()) * chunks;
   at::parallel_for(0, items, 1, [&](int64_t b0, int64_t b1) {
     [&]() LOWRANK_SEG_AMX_BF16 {
-      alignas(64) bf16 at_[16][32];
       alignas(64) bf16 bt[4][16][32];
       alignas(64) float c[16][16];
       config_tiles();
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t s = b / chunks, c0 = (b % chunks) * 64, cols = std::min<int64_t>(64, K - c0);
         const Segment& g = segs[s];
+        const int64_t nc = (g.end - g.begin + 31) / 32;
         float* O = out[s].mutable_data_ptr<float>();
         for (int64_t r0 = 0; r0 < g.rank; r0 += 16) {
           const int64_t nr = std::min<int64_t>(16, g.rank - r0);
@@ -274,9 +286,7 @@ std::vector<at::Tensor> segment_tn_amx(const at::Tensor& h, const int64_t* perm,
           _tile_zero(3);
           for (int64_t t0 = g.begin; t0 < g.end; t0 += 32) {
             const int64_t nt = std::min<int64_t>(32, g.end - t0);
-            for (int64_t j = 0; j < 16; ++j)
-              for (int64_t t = 0; t < 32; ++t)
-                at_[j][t] = (j < nr && t < nt) ? bf16(H[(t0 + t) * ldh + r0 + j]) : bf16(0.f);
+            const bf16* at_ = ht[s].data() + ((r0 / 16) * nc + (t0 - g.begin) / 32) * 512;
             for (int half = 0; half < 2; ++half) {
               const int64_t cc = c0 + 32 * half, w = std::min<int64_t>(32, K - cc);
               const __mmask32 m = w >= 32 ? (__mmask32)0xFFFFFFFFu : (w <= 0 ? (__mmask32)0 : (__mmask32)((1u << w) - 1u));

@@ -8,11 +8,13 @@
 //   1. the base GEMM over all tokens in their own order writes a fresh output once, with the bias in its
 //      epilogue (oneDNN for bf16, as lora_linear does; the fused AVX512-BF16 pass for 1–4 bf16 tokens, where one
 //      dispatcher call and one read of W are what decode costs);
-//   2. per segment, H = s_a·x[perm]·A_aᵀ reads the rows of x in place through perm (cpu/multi_lora_kernels.h);
-//   3. per segment, y[perm] += H·B_aᵀ adds into the base output in place, a 4-row × 64-column register tile at a
-//      time.
+//   2. per segment, H = s_a·x[perm]·A_aᵀ reads the rows of x through perm (cpu/multi_lora_kernels.h; bf16 on AMX
+//      tiles, 16 tokens per A tile, read in place when they are consecutive rows);
+//   3. per segment, y[perm] += H·B_aᵀ adds into the base output in place (AMX C tiles for bf16, else a 4-row ×
+//      64-column AVX-512 register tile).
 // No gathered copy of x, no output-sized temporary, and no per-token copy of any adapter's weights; the only
-// per-call copies are the active adapters' B in fp32 (r × out each) for the expand tile.
+// per-call copies are the active adapters' factors repacked for the tiles (bf16 VNNI pairs on AMX, fp32 rows of B
+// for the AVX-512 expand: r × (in + out) elements per adapter) and 16-row gather scratches.
 // The backward reuses the same three building blocks: dx is a base GEMM plus a segmented expand of gB·A, dA and
 // dB are segmented reductions over each adapter's tokens (zero for adapters that have none).
 #include <ATen/ATen.h>
