@@ -13,6 +13,9 @@ backward of a precomputed grad of ones; gradients for x and the factors).
 
     pytest benchmarks/bench_multi_lora.py --benchmark-disable      # CI smoke: one small shape, each case once
     pytest benchmarks/bench_multi_lora.py --benchmark-only --benchmark-warmup=on --benchmark-json=out.json
+    python benchmarks/bench_multi_lora.py --threads 1 --repeats 15   # interleaved: one call of each in turn
+The interleaved mode prints a markdown table (medians, and the ratio of minima); on a shared machine it is the
+more trustworthy of the two, since load changes hit every implementation alike.
 """
 from __future__ import annotations
 
@@ -175,3 +178,45 @@ def test_multi_lora_gpu(run_benchmark, benchmark, shape, dtype, impl):
         return out
     with torch.inference_mode():
         run_benchmark(step)
+
+
+def _interleaved(threads: int, repeats: int) -> None:
+    """Time linear / peft / lowrank one call each in turn, ``repeats`` times per case; print a markdown table."""
+    import time
+
+    torch.set_num_threads(threads)
+    impls = [i for i in ("linear", "peft", "lowrank") if i != "peft" or peft_available()]
+    print("| mode | dtype | T×in×out | " + " | ".join(f"{i} ms" for i in impls) +
+          " | peft/linear | lowrank/linear | lowrank/linear (min) |")
+    print("|---|---|---|" + "---:|" * (len(impls) + 3))
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in SHAPES:
+            peers = Peers(*shape, dtype)
+            for mode in MODES:
+                steps = {i: peers.step(i, mode) for i in impls}
+                times: dict[str, list[float]] = {i: [] for i in impls}
+                with torch.inference_mode() if mode == "fwd" else torch.enable_grad():
+                    for i in impls:
+                        steps[i]()
+                        steps[i]()
+                    for _ in range(repeats):
+                        for i in impls:
+                            t = time.perf_counter()
+                            steps[i]()
+                            times[i].append(time.perf_counter() - t)
+                med = {i: sorted(v)[len(v) // 2] * 1e3 for i, v in times.items()}
+                low = min(times["lowrank"]) / min(times["linear"])
+                peft = f"{med['peft'] / med['linear']:.3f}" if "peft" in med else "–"
+                print(f"| {mode} | {_dtype_name(dtype)} | {'×'.join(map(str, shape))} | " +
+                      " | ".join(f"{med[i]:.2f}" for i in impls) +
+                      f" | {peft} | {med['lowrank'] / med['linear']:.3f} | {low:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    _interleaved(args.threads, args.repeats)

@@ -62,6 +62,8 @@ def make_inputs(lead, in_, out, n, r, dtype, *, pattern="mixed", bias=True, requ
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_forward_matches_reference(backend, dtype, shape, pattern):
+    if backend == "torch" and pattern != "mixed":
+        pytest.skip("the torch backend is the reference itself: one pattern checks its wiring")
     args = make_inputs(*shape, dtype, pattern=pattern, bias=pattern != "no_none")
     y = multi_lora_linear(*args, backend=backend)
     assert_matches_oracle(y, reference, args)
@@ -108,7 +110,8 @@ def test_per_adapter_ranks(backend, dtype):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+# fp16 takes the same ATen path as fp64 (no AVX-512 / AMX kernel) and its CPU reference is slow: forward only.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
 @pytest.mark.parametrize("pattern", ["mixed", "all_none"])
 def test_backward_matches_reference(dtype, shape, pattern):
@@ -342,7 +345,7 @@ from tests.conftest import assert_grads_match_oracle, assert_matches_oracle
 from tests.ops.test_multi_lora_linear import make_inputs
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
-    for shape in [((3,), 64, 20, 2, 16), ((40,), 100, 47, 3, 3), ((300,), 33, 70, 4, 8)]:
+    for shape in [((3,), 64, 20, 2, 16), ((40,), 100, 47, 3, 3), ((101,), 33, 70, 4, 8)]:
         args = make_inputs(*shape, dtype)
         assert_matches_oracle(multi_lora_linear(*args, backend="cpp"), reference, args)
         leaves = [a.detach().requires_grad_(True) for a in args[:5]] + args[5:]
