@@ -9,7 +9,8 @@
 //   segment_shrink:      H[i, k]  = s_a·Σ_j Z[perm[i], j]·M_a[k, j]       k < rank_a        (x·Aᵀ, g·B)
 //   segment_expand_add_: Y[perm[i], :] += Σ_k H[i, k]·N_a[k, :]           k < rank_a        (h·Bᵀ, gB·A)
 //   segment_tn:          O_a[k, :] = Σ_i H[i, k]·Z[perm[i], :]            i in segment a    (dA, dB)
-// AMX tiles for bf16 where the CPU has them (cpu/multi_lora_amx.cpp); AVX-512 paths (bf16 with AVX512-BF16 dot products, fp32 with FMA; fp32 accumulation) are chosen at run time
+// AMX tiles for bf16 where the CPU has them (cpu/multi_lora_amx.cpp); AVX-512 paths (bf16 with AVX512-BF16 dot
+// products, fp32 with FMA; fp32 accumulation) are chosen at run time
 // by CPUID (multi_lora_avx512()); elsewhere (AVX2-only CPUs, fp16, fp64) the same products run through ATen on
 // a block buffer of at most kSegBlock gathered rows, so the portable path also never copies a whole activation.
 #pragma once
