@@ -25,6 +25,24 @@ TORCH_LIBRARY(lowrank, m) {
   m.set_python_module("lowrank.ops.query_attention_mass");
   m.def("query_attention_mass(Tensor q, Tensor k, float scale, int offset) -> Tensor");
   m.def("query_attention_mass_triton(Tensor q, Tensor k, float scale, int offset) -> Tensor");
+  // Multi-adapter LoRA (SGMV / BGMV): y_t = x_t·weightᵀ + bias + scaling[a]·(x_t·lora_a[a]ᵀ)·lora_b[a]ᵀ with
+  // a the adapter of token t, using its first ranks[a] ranks. x [..., in], lora_a [n, r, in], lora_b [n, out, r],
+  // scaling [n] float; the tokens come grouped by adapter (lowrank.ops.AdapterSegments): perm [T] int64, adapter
+  // a's tokens are perm[offsets[a] : offsets[a + 1]] (offsets [n + 1] int64), tokens without one perm[offsets[n] :].
+  m.set_python_module("lowrank.ops.multi_lora_linear");
+  m.def(
+      "multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor scaling, "
+      "Tensor perm, Tensor offsets, Tensor? ranks) -> Tensor");
+  // Gradients w.r.t. (x, weight, lora_a, lora_b) under output_mask; adapters without tokens get zeros.
+  m.def(
+      "multi_lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor perm, Tensor offsets, Tensor? ranks, bool[4] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The same forward run by the Triton kernel (lowrank/kernels/triton/multi_lora_linear.py registers its CPU
+  // (interpreter) and CUDA implementations when triton is importable). Backward: multi_lora_linear_backward.
+  m.def(
+      "multi_lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor perm, Tensor offsets, Tensor? ranks) -> Tensor");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -1,7 +1,8 @@
 """Drop-in modules over lowrank ops."""
 from lowrank.nn.lora_linear import LoRALinear
 from lowrank.nn.low_rank_linear import LowRankLinear
+from lowrank.nn.multi_lora_linear import MultiLoRALinear, adapter_context, from_peft_multi
 from lowrank.nn.peft import apply_lora, from_peft, load_peft_state_dict, save_peft_adapter, to_peft_state_dict
 
-__all__ = ["LoRALinear", "LowRankLinear", "apply_lora", "from_peft", "load_peft_state_dict", "save_peft_adapter",
-           "to_peft_state_dict"]
+__all__ = ["LoRALinear", "LowRankLinear", "MultiLoRALinear", "adapter_context", "apply_lora", "from_peft",
+           "from_peft_multi", "load_peft_state_dict", "save_peft_adapter", "to_peft_state_dict"]

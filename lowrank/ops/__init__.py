@@ -2,6 +2,8 @@
 from lowrank.ops._backends import BackendUnavailableError
 from lowrank.ops.gather_logits import gather_logits
 from lowrank.ops.lora_linear import lora_linear
+from lowrank.ops.multi_lora_linear import AdapterSegments, adapter_segments, multi_lora_linear
 from lowrank.ops.query_attention_mass import query_attention_mass
 
-__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "BackendUnavailableError"]
+__all__ = ["AdapterSegments", "adapter_segments", "gather_logits", "lora_linear", "multi_lora_linear",
+           "query_attention_mass", "BackendUnavailableError"]

@@ -1,7 +1,8 @@
 """Plain-PyTorch oracles: the specification of every op. Tests, benchmarks and the "torch" backend use them."""
 from lowrank.reference.gather_logits import gather_logits
 from lowrank.reference.lora_linear import lora_linear
+from lowrank.reference.multi_lora_linear import multi_lora_linear
 from lowrank.reference.query_attention_mass import query_attention_mass
 from lowrank.reference.rsvd import rsvd
 
-__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "rsvd"]
+__all__ = ["gather_logits", "lora_linear", "multi_lora_linear", "query_attention_mass", "rsvd"]

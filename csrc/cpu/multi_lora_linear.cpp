@@ -1,0 +1,151 @@
+// Multi-adapter LoRA linear (SGMV / BGMV semantics), CPU.
+//   forward:  y_t = x_t·Wᵀ + b + s_a·(x_t·A_aᵀ)·B_aᵀ     a = adapter of token t (none: base only)
+//             x [T, in], W [out, in], A [n, r, in], B [n, out, r], s [n]; adapter a uses its first rank_a ranks
+//   backward: gB_t = s_a·g_t·B_a;  dx_t = g_t·W + gB_t·A_a;  dW = gᵀ·x;  dA_a = Σ_{t∈a} gB_tᵀ·x_t;
+//             dB_a = Σ_{t∈a} g_tᵀ·(s_a·x_t·A_aᵀ);  adapters without tokens get zero gradients.
+// The tokens arrive grouped by adapter (perm, offsets: lowrank.ops.AdapterSegments, built once per batch and
+// shared by every layer). Order of work in the forward, and why:
+//   1. the base GEMM over all tokens in their own order writes a fresh output once, with the bias in its
+//      epilogue (oneDNN for bf16, as lora_linear does; the fused AVX512-BF16 pass for 1–4 bf16 tokens, where one
+//      dispatcher call and one read of W are what decode costs);
+//   2. per segment, H = s_a·x[perm]·A_aᵀ reads the rows of x through perm (cpu/multi_lora_kernels.h; bf16 on AMX
+//      tiles, 16 tokens per A tile, read in place when they are consecutive rows);
+//   3. per segment, y[perm] += H·B_aᵀ adds into the base output in place (AMX C tiles for bf16, else a 4-row ×
+//      64-column AVX-512 register tile).
+// No gathered copy of x, no output-sized temporary, and no per-token copy of any adapter's weights; the only
+// per-call copies are the active adapters' factors repacked for the tiles (bf16 VNNI pairs on AMX, fp32 rows of B
+// for the AVX-512 expand: r × (in + out) elements per adapter) and 16-row gather scratches.
+// The backward reuses the same three building blocks: dx is a base GEMM plus a segmented expand of gB·A, dA and
+// dB are segmented reductions over each adapter's tokens (zero for adapters that have none).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "common/multi_lora_common.h"
+#include "cpu/lowrank_kernels.h"
+#include "cpu/multi_lora_kernels.h"
+
+namespace lowrank {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// oneDNN's linear with the bias in its fp32 epilogue (see cpu/lora_linear.cpp for the measurements behind the
+// choice: bf16 0.87–0.99× F.linear, fp32 faster only at 2–64 tokens of large weights).
+const c10::OperatorHandle* onednn_linear_op() {
+  static const c10::OperatorHandle* op = [] {
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
+  }();
+  return op;
+}
+
+// Up to this many bf16 tokens the base layer is the fused AVX512-BF16 decode pass (one read of W).
+constexpr int64_t kDecodeMaxT = 4;
+
+at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const int64_t T = x2.size(0);
+  const auto dtype = x2.scalar_type();
+  if (cpu::multi_lora_avx512() && dtype == at::kBFloat16 && T <= kDecodeMaxT && cpu::decode_supported(x2, weight))
+    return cpu::decode_linear_bf16(x2, weight, bias, std::nullopt, std::nullopt, at::kBFloat16);
+  const bool onednn = onednn_linear_op() != nullptr && cpu::multi_lora_avx512() && weight.is_contiguous() && T > 0 &&
+                      (dtype == at::kBFloat16 ||
+                       (dtype == at::kFloat && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22)));
+  if (onednn) {
+    torch::jit::Stack stack{x2.contiguous(), weight, bias, std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    onednn_linear_op()->callBoxed(&stack);
+    return stack.back().toTensor();
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+}
+
+// Rows with unit column stride (the AVX-512 kernels read rows through perm); a copy only for odd layouts.
+at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// Per segment: A_a [rank, in] and B_a [out, rank] as views of the padded storage.
+std::vector<at::Tensor> a_rows(const at::Tensor& lora_a, const std::vector<cpu::Segment>& segs) {
+  std::vector<at::Tensor> out;
+  for (const auto& g : segs) out.push_back(lora_a.select(0, g.adapter).narrow(0, 0, g.rank));
+  return out;
+}
+std::vector<at::Tensor> bt_rows(const at::Tensor& lora_b, const std::vector<cpu::Segment>& segs) {
+  std::vector<at::Tensor> out;
+  for (const auto& g : segs) out.push_back(lora_b.select(0, g.adapter).narrow(1, 0, g.rank).t());
+  return out;
+}
+
+at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
+                                 const at::Tensor& perm, const at::Tensor& offsets,
+                                 const std::optional<at::Tensor>& ranks) {
+  check_multi_lora_args(x, weight, bias, lora_a, lora_b, scaling, perm, offsets, ranks);
+  const auto in = weight.size(1), out = weight.size(0), r = lora_a.size(1);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out;
+  const at::Tensor x2 = unit_cols(x.reshape({-1, in}));
+  int64_t rows = 0;
+  const auto segs = cpu::host_segments(perm, offsets, scaling, ranks, r, x2.size(0), &rows);
+  at::Tensor y = base_linear(x2, weight, bias);
+  if (!segs.empty()) {
+    if (y.stride(1) != 1) y = y.contiguous();  // GEMM outputs are row-major: never copies
+    const at::Tensor pm = perm.contiguous();
+    const at::Tensor h = cpu::segment_shrink(x2, pm, segs, a_rows(lora_a, segs), rows, r);
+    cpu::segment_expand_add_(y, pm, segs, h, bt_rows(lora_b, segs));
+  }
+  return y.view(out_shape);
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& scaling, const at::Tensor& perm, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& ranks, std::array<bool, 4> output_mask) {
+  check_multi_lora_args(x, weight, std::nullopt, lora_a, lora_b, scaling, perm, offsets, ranks);
+  check_multi_lora_grad(grad_out, x, weight);
+  const auto in = weight.size(1), out = weight.size(0), r = lora_a.size(1);
+  const at::Tensor g2 = unit_cols(grad_out.reshape({-1, out}));
+  const at::Tensor x2 = unit_cols(x.reshape({-1, in}));
+  int64_t rows = 0;
+  const auto segs = cpu::host_segments(perm, offsets, scaling, ranks, r, x2.size(0), &rows);
+  const at::Tensor pm = perm.contiguous();
+  OptTensor dx, dw, da, db;
+  at::Tensor gb;  // s_a·g·B_a [rows, r] in the segment order, shared by dx and dA
+  if ((output_mask[0] || output_mask[2]) && !segs.empty())
+    gb = cpu::segment_shrink(g2, pm, segs, bt_rows(lora_b, segs), rows, r);
+  if (output_mask[0]) {
+    at::Tensor d = at::mm(g2, weight);
+    if (gb.defined()) cpu::segment_expand_add_(d, pm, segs, gb, a_rows(lora_a, segs));
+    dx = d.view(x.sizes());
+  }
+  if (output_mask[1]) dw = at::mm(g2.t(), x2);
+  if (output_mask[2]) {
+    at::Tensor d = at::zeros_like(lora_a, at::MemoryFormat::Contiguous);
+    const auto parts = cpu::segment_tn(gb, pm, segs, x2);
+    for (size_t s = 0; s < segs.size(); ++s) d.select(0, segs[s].adapter).narrow(0, 0, segs[s].rank).copy_(parts[s]);
+    da = d;
+  }
+  if (output_mask[3]) {
+    at::Tensor d = at::zeros_like(lora_b, at::MemoryFormat::Contiguous);
+    if (!segs.empty()) {
+      const at::Tensor h = cpu::segment_shrink(x2, pm, segs, a_rows(lora_a, segs), rows, r);
+      const auto parts = cpu::segment_tn(h, pm, segs, g2);  // [rank, out] each
+      for (size_t s = 0; s < segs.size(); ++s)
+        d.select(0, segs[s].adapter).narrow(1, 0, segs[s].rank).copy_(parts[s].t());
+    }
+    db = d;
+  }
+  return {dx, dw, da, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("multi_lora_linear", &multi_lora_linear_cpu);
+  m.impl("multi_lora_linear_backward", &multi_lora_linear_backward_cpu);
+}
+
+}  // namespace lowrank
