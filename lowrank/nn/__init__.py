@@ -2,6 +2,7 @@
 from lowrank.nn.lora_linear import LoRALinear
 from lowrank.nn.low_rank_linear import LowRankLinear
 from lowrank.nn.peft import apply_lora, from_peft, load_peft_state_dict, save_peft_adapter, to_peft_state_dict
+from lowrank.nn.sparse_lowrank_linear import SparseAdapterLinear, SparseLowRankLinear
 
-__all__ = ["LoRALinear", "LowRankLinear", "apply_lora", "from_peft", "load_peft_state_dict", "save_peft_adapter",
-           "to_peft_state_dict"]
+__all__ = ["LoRALinear", "LowRankLinear", "SparseAdapterLinear", "SparseLowRankLinear", "apply_lora", "from_peft",
+           "load_peft_state_dict", "save_peft_adapter", "to_peft_state_dict"]
