@@ -124,6 +124,89 @@ SLR_AVX2 void sddmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* g
 
 // ---- AVX-512 ------------------------------------------------------------------------------------------------
 #if SLR_X86
+// 16 fp32 lanes from 16 elements (masked tail reads nothing past the mask).
+SLR_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+SLR_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+SLR_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+SLR_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+SLR_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  // Round to nearest even, as c10::BFloat16 does (NaN stays a quiet NaN); plain AVX-512F, no BF16 extension.
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+SLR_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+SLR_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// In-register 16×16 fp32 transpose: r[q] lane c becomes r[c] lane q.
+SLR_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + k], 128-bit lane L: column 4L + k of rows 4g .. 4g + 3
+  for (int g = 0; g < 4; ++g) {
+    r[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), v2 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    t[8 + k] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    t[4 + k] = _mm512_shuffle_f32x4(v2, w2, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(v2, w2, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// dst[c][j] = src[j, c] (j < tb, zero up to TB) for columns [c0, c1): 16×16 register transposes, so both the
+// reads (16 contiguous elements of a row) and the writes (16 contiguous tokens of a column) are whole vectors.
+template <typename scalar_t, int TB>
+SLR_AVX512 void pack_avx512(const scalar_t* src, int64_t lds, int64_t tb, int64_t c0, int64_t c1, float* dst) {
+  for (int64_t cb = c0; cb < c1; cb += 16) {
+    const int64_t nc = std::min<int64_t>(16, c1 - cb);
+    const __mmask16 cm = tail_mask(nc);
+    for (int64_t j0 = 0; j0 < TB; j0 += 16) {
+      __m512 r[16];
+      for (int64_t q = 0; q < 16; ++q) r[q] = j0 + q < tb ? load16(src + (j0 + q) * lds + cb, cm) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t k = 0; k < nc; ++k) _mm512_storeu_ps(dst + (cb + k) * TB + j0, r[k]);
+    }
+  }
+}
+
+// out[j, 0:nr] += tile[0:nr][j] for tokens j < tb: the tile transposed 16 tokens at a time, then one vector
+// read-modify-write of 16 contiguous outputs per token.
+template <int TB, typename out_t>
+SLR_AVX512 void add_tile_avx512(const float (*tile)[TB], int64_t nr, out_t* out, int64_t ldo, int64_t tb) {
+  const __mmask16 rm = tail_mask(nr);
+  for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+    __m512 r[16];
+    for (int64_t q = 0; q < 16; ++q) r[q] = q < nr ? _mm512_load_ps(tile[q] + j0) : _mm512_setzero_ps();
+    transpose16(r);
+    const int64_t kn = std::min<int64_t>(16, tb - j0);
+    for (int64_t k = 0; k < kn; ++k) {
+      out_t* o = out + (j0 + k) * ldo;
+      store16(o, _mm512_add_ps(load16(o, rm), r[k]), rm);
+    }
+  }
+}
+
 // fp32: TB/16 registers per row accumulator; two accumulator sets (even/odd nonzeros) so that the FMA chains
 // hide the FMA latency even for TB = 16. fp64 runs the portable loops compiled for AVX-512.
 template <typename acc_t, int TB, typename out_t>
@@ -157,10 +240,7 @@ SLR_AVX512 void spmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const a
         }
         for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r] + 16 * v, _mm512_add_ps(a0[v], a1[v]));
       }
-      for (int64_t j = 0; j < tb; ++j) {
-        out_t* o = out + j * ldo + rb;
-        for (int64_t r = 0; r < nr; ++r) o[r] = static_cast<out_t>(static_cast<float>(o[r]) + tile[r][j]);
-      }
+      add_tile_avx512<TB>(tile, nr, out + rb, ldo, tb);
     }
   }
 }
@@ -210,7 +290,13 @@ void sddmm_rows(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t*
 template <typename scalar_t, typename acc_t, int TB>
 void pack_transposed(const scalar_t* src, int64_t lds, int64_t tb, int64_t n, acc_t* dst) {
   // Grain: about 2^16 converted elements a task; a few-token block is one task.
-  at::parallel_for(0, n, std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(tb, 1)), [&](int64_t c0, int64_t c1) {
+  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(tb, 1));
+  at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
+#if SLR_X86
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (cpu_isa() == Isa::kAvx512) return pack_avx512<scalar_t, TB>(src, lds, tb, c0, c1, dst);
+    }
+#endif
     for (int64_t cb = c0; cb < c1; cb += 64) {
       const int64_t ce = std::min(c1, cb + 64);
       for (int64_t j = 0; j < tb; ++j) {
