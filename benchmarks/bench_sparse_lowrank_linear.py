@@ -114,6 +114,8 @@ def test_sparse_lowrank_linear(run_benchmark, benchmark, dtype, mode, shape, den
     info = dict(impl=impl, dtype=_name(dtype), mode=mode, T=shape[0], out=shape[1], **{"in": shape[2]},
                 r=shape[3], density=density, nnz=layout.nnz, index_bytes=layout.index_bytes(),
                 index_bytes_csr=layout.index_bytes(transpose=False), int64_flat_index_bytes=8 * layout.nnz)
+    # The call's output activations (y, and dx for fwdbwd): subtracted from the peak when comparing transients.
+    info["activation_bytes"] = x.element_size() * shape[0] * (shape[1] + (shape[2] if mode == "fwdbwd" else 0))
     if not benchmark.disabled:
         info["peak_bytes"] = peak_bytes(call)
     benchmark.extra_info.update(info)
@@ -125,3 +127,41 @@ def test_sparse_lowrank_linear(run_benchmark, benchmark, dtype, mode, shape, den
                 sltrain_linear(x, a, b, v, layout, bias)
         got = result if mode == "fwd" else sparse_lowrank_linear(x, a, b, v, layout, bias)
         torch.testing.assert_close(got.float(), y.float(), rtol=5e-2, atol=5e-2 * y.float().abs().max().item())
+
+
+def ratio_table(path: str) -> str:
+    """Markdown table from a ``--benchmark-json`` file: medians, speed-ups over SLTrain and nn.Linear, transient
+    memory ratios (peak minus the output activations y, dx), and the sparse part's effective rate ((lowrank − floor) time for its 2·T·nnz multiply-adds
+    forward, 3× that forward + backward: x·Sᵀ, g·S and the sampled product)."""
+    import json
+
+    rows: dict[tuple, dict] = {}
+    for bench in json.load(open(path))["benchmarks"]:
+        info = bench["extra_info"]
+        key = (info["dtype"], info["mode"], info["out"], info["in"], info["T"], info["r"], info["density"])
+        rows.setdefault(key, {})[info["impl"]] = (bench["stats"]["median"], info.get("peak_bytes"), info)
+    linear = {k[:6]: v["linear"] for k, v in rows.items() if "linear" in v}
+    lines = ["| dtype | mode | W out×in | density | lowrank ms | SLTrain ms | speed-up | nn.Linear ms | floor ms | "
+             "sparse GFLOP/s | transient memory lowrank / SLTrain | index bytes CSR / int64 flat |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, v in sorted(rows.items()):
+        if "lowrank" not in v or "sltrain" not in v:
+            continue
+        dtype, mode, out, in_, T, r, d = key
+        (ours, p_ours, info), (ref, p_ref, _) = v["lowrank"], v["sltrain"]
+        lin = linear.get(key[:6], (float("nan"), None, None))[0]
+        floor = v.get("floor", (float("nan"),))[0]
+        flops = 2 * T * info["nnz"] * (1 if mode == "fwd" else 3)
+        rate = flops / (ours - floor) / 1e9 if ours > floor else float("nan")
+        act = info["activation_bytes"]
+        mem = f"{(p_ours - act) / (p_ref - act):.2f}" if p_ours and p_ref else "–"
+        idx = info["index_bytes_csr"] / info["int64_flat_index_bytes"] if info["nnz"] else float("nan")
+        lines.append(f"| {dtype} | {mode} | {out}×{in_} | {d:.0%} | {ours * 1e3:.1f} | {ref * 1e3:.1f} | "
+                     f"{ref / ours:.2f}× | {lin * 1e3:.1f} | {floor * 1e3:.1f} | {rate:.0f} | {mem} | {idx:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(ratio_table(sys.argv[1]))
