@@ -6,8 +6,9 @@ Per group ``f"{dtype}-{mode}-T{T}-out{out}-in{in}-r{r}-d{density}"`` (mode "fwd"
   * "linear": plain ``nn.Linear`` of the same shape (the dense layer's cost; its backward includes dW).
   * "lowrank": the C++ kernels (rank-r GEMMs + CSR/CSC sparse products, no [out, in] tensor).
   * "floor": the rank-r GEMMs alone (the same op with an empty support): lowrank minus its sparse work.
-Each case also records, in ``extra_info["peak_bytes"]``, the largest memory held at once during one call beyond
-its inputs (the profiler's allocator events; outputs and gradients included), and the layout's index bytes.
+Each case also records, in ``extra_info["peak_bytes"]``, the largest memory held at once during one call
+beyond its inputs (the profiler's allocator events; outputs and gradients included), and the layout's index
+bytes.
 Shapes (issue 6): W 4096×4096 and 1024×4096 ([out, in]), rank 128, density 1% / 3% / 5%, 2048 tokens, fp32 and
 bf16. Under ``--benchmark-disable`` (CI) each case runs once on a small shape.
 
@@ -55,7 +56,8 @@ def _inputs(dtype, shape, density):
 
 def peak_bytes(fn) -> int:
     """Largest memory held at once during ``fn()`` above what was held when it started (allocator events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    cpu = torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[cpu], profile_memory=True) as prof:
         fn()
     live = peak = 0
     for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -66,7 +68,7 @@ def peak_bytes(fn) -> int:
 
 
 def make_call(impl, mode, x, a, b, v, layout, bias, grad):
-    """The timed callable: one forward (no autograd graph), or forward + backward for x, A, B, values, bias."""
+    """The timed callable: one forward (no autograd graph), or forward + backward (x, A, B, values, bias)."""
     out_features, in_features = layout.shape
     if impl == "linear":
         lin = torch.nn.Linear(in_features, out_features, dtype=x.dtype)
@@ -114,8 +116,9 @@ def test_sparse_lowrank_linear(run_benchmark, benchmark, dtype, mode, shape, den
     info = dict(impl=impl, dtype=_name(dtype), mode=mode, T=shape[0], out=shape[1], **{"in": shape[2]},
                 r=shape[3], density=density, nnz=layout.nnz, index_bytes=layout.index_bytes(),
                 index_bytes_csr=layout.index_bytes(transpose=False), int64_flat_index_bytes=8 * layout.nnz)
-    # The call's output activations (y, and dx for fwdbwd): subtracted from the peak when comparing transients.
-    info["activation_bytes"] = x.element_size() * shape[0] * (shape[1] + (shape[2] if mode == "fwdbwd" else 0))
+    # The call's output activations (y, and dx for fwdbwd): subtracted from the peak to compare transients.
+    widths = shape[1] + (shape[2] if mode == "fwdbwd" else 0)
+    info["activation_bytes"] = x.element_size() * shape[0] * widths
     if not benchmark.disabled:
         info["peak_bytes"] = peak_bytes(call)
     benchmark.extra_info.update(info)
@@ -126,13 +129,15 @@ def test_sparse_lowrank_linear(run_benchmark, benchmark, dtype, mode, shape, den
             y = sparse_lowrank_linear(x, a, b, v, layout, bias) if impl == "sltrain" else \
                 sltrain_linear(x, a, b, v, layout, bias)
         got = result if mode == "fwd" else sparse_lowrank_linear(x, a, b, v, layout, bias)
-        torch.testing.assert_close(got.float(), y.float(), rtol=5e-2, atol=5e-2 * y.float().abs().max().item())
+        scale = y.float().abs().max().item()
+        torch.testing.assert_close(got.float(), y.float(), rtol=5e-2, atol=5e-2 * scale)
 
 
 def ratio_table(path: str) -> str:
-    """Markdown table from a ``--benchmark-json`` file: medians, speed-ups over SLTrain and nn.Linear, transient
-    memory ratios (peak minus the output activations y, dx), and the sparse part's effective rate ((lowrank − floor) time for its 2·T·nnz multiply-adds
-    forward, 3× that forward + backward: x·Sᵀ, g·S and the sampled product)."""
+    """Markdown table from a ``--benchmark-json`` file: medians, speed-ups over SLTrain and nn.Linear,
+    transient memory ratios (peak minus the output activations y, dx), and the sparse part's effective rate:
+    2·T·nnz flops forward (3× that forward + backward: x·Sᵀ, g·S, the sampled product) over the time
+    lowrank takes beyond the floor."""
     import json
 
     rows: dict[tuple, dict] = {}
@@ -141,8 +146,9 @@ def ratio_table(path: str) -> str:
         key = (info["dtype"], info["mode"], info["out"], info["in"], info["T"], info["r"], info["density"])
         rows.setdefault(key, {})[info["impl"]] = (bench["stats"]["median"], info.get("peak_bytes"), info)
     linear = {k[:6]: v["linear"] for k, v in rows.items() if "linear" in v}
-    lines = ["| dtype | mode | W out×in | density | lowrank ms | SLTrain ms | speed-up | nn.Linear ms | floor ms | "
-             "sparse GFLOP/s | transient memory lowrank / SLTrain | index bytes CSR / int64 flat |",
+    lines = ["| dtype | mode | W out×in | density | lowrank ms | SLTrain ms | speed-up | nn.Linear ms | "
+             "floor ms | sparse GFLOP/s | transient memory lowrank / SLTrain | "
+             "index bytes CSR / int64 flat |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in sorted(rows.items()):
         if "lowrank" not in v or "sltrain" not in v:
@@ -157,7 +163,8 @@ def ratio_table(path: str) -> str:
         mem = f"{(p_ours - act) / (p_ref - act):.2f}" if p_ours and p_ref else "–"
         idx = info["index_bytes_csr"] / info["int64_flat_index_bytes"] if info["nnz"] else float("nan")
         lines.append(f"| {dtype} | {mode} | {out}×{in_} | {d:.0%} | {ours * 1e3:.1f} | {ref * 1e3:.1f} | "
-                     f"{ref / ours:.2f}× | {lin * 1e3:.1f} | {floor * 1e3:.1f} | {rate:.0f} | {mem} | {idx:.2f} |")
+                     f"{ref / ours:.2f}× | {lin * 1e3:.1f} | {floor * 1e3:.1f} | {rate:.0f} | {mem} | "
+                     f"{idx:.2f} |")
     return "\n".join(lines)
 
 

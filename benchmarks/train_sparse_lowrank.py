@@ -2,10 +2,10 @@
 against the same model run through SLTrain's dense-materializing algorithm, at equal seeds (issue 6, item 3).
 
 Model: token embedding → N blocks of [RMSNorm → SwiGLU MLP (gate, up: d→f; down: f→d), residual] → RMSNorm →
-tied head. Every MLP Linear is W = B·A + S (rank r, SLTrain random support at the given density, SLTrain init).
-Data: a synthetic first-order Markov source over a small vocabulary (a fixed random table of 4 likely successors
-per token, 10% uniform noise), which a per-position MLP can learn: the loss floor (≈ 1.8 nats for V = 128) lies
-far below log(V).
+tied head. Every MLP Linear is W = B·A + S (rank r, SLTrain random support at the given density, SLTrain
+init). Data: a synthetic first-order Markov source over a small vocabulary (a fixed random table of 4 likely
+successors per token, 10% uniform noise), which a per-position MLP can learn: the loss floor (≈ 1.8 nats for
+V = 128) lies far below log(V).
 Both runs start from bit-identical parameters and see the same batches; they differ only in how each layer's
 forward/backward is computed (factored kernels vs dense W = B·A + S and dense Gᵀ·X), so their loss curves
 should agree to rounding. The stated margin: |final loss difference| ≤ 1% of the final loss (checked; exit 1
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     k = max(1, args.steps // 10)   # report means over the last 10% of steps (single-batch losses are noisy)
     f_ours, f_ref, f_dense = (sum(v[-k:]) / k for v in (l_ours, l_ref, l_dense))
     gap = max(abs(a - b) for a, b in zip(l_ours, l_ref))
-    print(f"LLaMA-style MLP LM: vocab {args.vocab}, d {args.d}, ffn {args.f}, {args.blocks} blocks, rank {args.rank}, "
-          f"density {args.density}, batch {args.batch}x{args.seq}, {args.steps} steps, AdamW lr {args.lr}, "
-          f"threads {args.threads}")
+    print(f"LLaMA-style MLP LM: vocab {args.vocab}, d {args.d}, ffn {args.f}, {args.blocks} blocks, "
+          f"rank {args.rank}, density {args.density}, batch {args.batch}x{args.seq}, {args.steps} steps, "
+          f"AdamW lr {args.lr}, threads {args.threads}")
     print(f"initial loss {l_ours[0]:.4f} (log V = {math.log(args.vocab):.4f})")
     print("| model | final loss (mean of last 10%) | ms / step |")
     print("|---|---|---|")
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
     print(f"| same, SLTrain dense-materializing reference | {f_ref:.4f} | {s_ref * 1e3:.1f} |")
     print(f"| dense nn.Linear (not equal-parameter; context) | {f_dense:.4f} | {s_dense * 1e3:.1f} |")
     rel = abs(f_ours - f_ref) / f_ref
-    print(f"largest per-step |loss difference| ours vs reference: {gap:.2e}; final relative difference {rel:.2e} "
-          f"(margin 1e-2)")
+    print(f"largest per-step |loss difference| ours vs reference: {gap:.2e}; final relative difference "
+          f"{rel:.2e} (margin 1e-2)")
     return 0 if rel <= 1e-2 else 1
 
 

@@ -325,7 +325,9 @@ void parallel_rows(int64_t n, int64_t work, const F& f) {
 // call is one parallel region with no barrier per block. On this shared 2-core machine, where a thread is often
 // descheduled, two barriers per 64-token block made a 2048-token call 5x slower than one thread; the dynamic
 // hand-out also absorbs uneven progress. f(block, slot) runs every block once; slot < the returned count.
-int64_t block_slots(int64_t n_blocks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_blocks)); }
+int64_t block_slots(int64_t n_blocks) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_blocks));
+}
 
 template <typename F>
 void for_token_blocks(int64_t n_blocks, int64_t slots, const F& f) {
@@ -408,7 +410,9 @@ void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* 
     if (dx != nullptr) {
       const int64_t ldo = dx->stride(0);
       scalar_t* o = dx->mutable_data_ptr<scalar_t>() + t0 * ldo;
-      auto run = [&](int64_t c0, int64_t c1) { spmm_rows<acc_t, TB>(col_ptr, row_idx, val_csc, gT, c0, c1, o, ldo, tb); };
+      auto run = [&](int64_t c0, int64_t c1) {
+        spmm_rows<acc_t, TB>(col_ptr, row_idx, val_csc, gT, c0, c1, o, ldo, tb);
+      };
       if (rows_parallel) parallel_rows(in, col_ptr[in] * tb, run); else run(0, in);
     }
     if (dv != nullptr) {

@@ -5,16 +5,18 @@ SVD + sparse-residual initialisation from a trained Linear). ``SparseAdapterLine
 sparse high-rank adapter on a frozen base layer (SHiRA), reading the base weight in place (no copy).
 
 Shapes: x [..., in], lora_a A [r, in], lora_b B [out, r], s_values [nnz] on a fixed
-:class:`~lowrank.ops.SparseLayout` of shape (out, in), bias [out]. Both run :func:`lowrank.ops.sparse_lowrank_linear`.
+:class:`~lowrank.ops.SparseLayout` of shape (out, in), bias [out]. Both run
+:func:`lowrank.ops.sparse_lowrank_linear`.
 
 Parameters and memory are what the layer holds: r·(in + out) + nnz (+ out) values, plus the int32 support
-(CSR 4·(nnz + out + 1) bytes and its CSC transpose 4·(2·nnz + in + 1); :meth:`memory_report`). Checkpoints hold
-the values and, in the module's extra state, the layout record (version, kind, shape, nnz, seed; the indices
-themselves only for non-random supports): a random support is regenerated from its seed exactly as SLTrain does.
+(CSR 4·(nnz + out + 1) bytes and its CSC transpose 4·(2·nnz + in + 1); :meth:`memory_report`). Checkpoints
+hold the values and, in the module's extra state, the layout record (version, kind, shape, nnz, seed; the
+indices themselves only for non-random supports): a random support is regenerated from its seed exactly as
+SLTrain does.
 
-References: Han et al., "SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining"
-(2024); Li et al., "LOST: Low-rank and Sparse Pre-training for Large Language Models" (2025); Bhardwaj et al.,
-"Sparse High Rank Adapters" (SHiRA, 2024).
+References: Han et al., "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
+pretraining" (2024); Li et al., "LOST: Low-rank and Sparse Pre-training for Large Language Models" (2025);
+Bhardwaj et al., "Sparse High Rank Adapters" (SHiRA, 2024).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def _check_size(cls: str, name: str, value: object) -> int:
 
 
 class _SparseSupport(nn.Module):
-    """Holds a SparseLayout as non-persistent buffers (so .to()/.cuda() move it) plus its checkpoint record."""
+    """Holds a SparseLayout as non-persistent buffers (so .to()/.cuda() move it) and its checkpoint record."""
 
     layout: SparseLayout
 
@@ -65,13 +67,13 @@ class _SparseSupport(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         layout = SparseLayout.from_state(state["layout"]).to(self.s_values.device)
         if layout.shape != self.layout.shape or layout.nnz != self.s_values.shape[0]:
-            raise ValueError(f"{type(self).__name__}: checkpoint layout {layout} does not match this module's "
-                             f"shape {self.layout.shape} and {self.s_values.shape[0]} values")
+            raise ValueError(f"{type(self).__name__}: checkpoint layout {layout} does not match this "
+                             f"module's shape {self.layout.shape} and {self.s_values.shape[0]} values")
         self._set_layout(layout)
 
     def memory_report(self) -> dict:
-        """Counts and bytes: parameters (all, incl. frozen ones the module owns), the support's indices (CSR and
-        its CSC transpose), and the dense [out, in] weight of the same dtype for comparison."""
+        """Counts and bytes: parameters (all, incl. frozen ones the module owns), the support's indices (CSR
+        and its CSC transpose), and the dense [out, in] weight of the same dtype for comparison."""
         params = sum(p.numel() for p in self.parameters())
         pbytes = sum(p.numel() * p.element_size() for p in self.parameters())
         out, in_ = self.layout.shape
@@ -106,13 +108,14 @@ class SparseLowRankLinear(_SparseSupport):
         m = _check_size("SparseLowRankLinear", "out_features", out_features)
         r = _check_size("SparseLowRankLinear", "rank", rank)
         if r > min(m, n):
-            raise ValueError(f"SparseLowRankLinear: rank must be <= min(out_features, in_features) = {min(m, n)}, "
-                             f"got {r}")
+            raise ValueError("SparseLowRankLinear: rank must be <= min(out_features, in_features) = "
+                             f"{min(m, n)}, got {r}")
         density = check_density(density, "SparseLowRankLinear: density")
         if layout is None:
             layout = SparseLayout.random(m, n, density, seed=seed)
         elif not isinstance(layout, SparseLayout) or layout.shape != (m, n):
-            raise ValueError(f"SparseLowRankLinear: layout must be a SparseLayout of shape ({m}, {n}), got {layout!r}")
+            raise ValueError(f"SparseLowRankLinear: layout must be a SparseLayout of shape ({m}, {n}), "
+                             f"got {layout!r}")
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = n, m, r
         self.lora_a = nn.Parameter(torch.empty(r, n, **kw))
@@ -153,8 +156,8 @@ class SparseLowRankLinear(_SparseSupport):
             raise TypeError(f"SparseLowRankLinear.from_linear: linear must be an nn.Linear, got "
                             f"{type(linear).__name__}")
         if support not in ("random", "topk", "channel"):
-            raise ValueError(f"SparseLowRankLinear.from_linear: support must be 'random', 'topk' or 'channel', "
-                             f"got {support!r}")
+            raise ValueError("SparseLowRankLinear.from_linear: support must be 'random', 'topk' or "
+                             f"'channel', got {support!r}")
         if init not in ("svd", "random"):
             raise ValueError(f"SparseLowRankLinear.from_linear: init must be 'svd' or 'random', got {init!r}")
         m, n = linear.weight.shape
@@ -162,7 +165,8 @@ class SparseLowRankLinear(_SparseSupport):
         density = check_density(density, "SparseLowRankLinear.from_linear: density")
         r = _check_size("SparseLowRankLinear.from_linear", "rank", rank)
         if r > min(m, n):
-            raise ValueError(f"SparseLowRankLinear.from_linear: rank must be <= min(out, in) = {min(m, n)}, got {r}")
+            raise ValueError(f"SparseLowRankLinear.from_linear: rank must be <= min(out, in) = {min(m, n)}, "
+                             f"got {r}")
         resid = w.double().cpu()
         a = b = None
         if init == "svd":
@@ -178,7 +182,8 @@ class SparseLowRankLinear(_SparseSupport):
             k = round(density * n)
             cols = torch.topk(resid.square().sum(0), k).indices if k else torch.zeros(0, dtype=torch.long)
             layout = SparseLayout.channels(m, n, torch.sort(cols).values, dim=1)
-        mod = cls(n, m, r, density, bias=linear.bias is not None, layout=layout, dtype=w.dtype, device=w.device)
+        mod = cls(n, m, r, density, bias=linear.bias is not None, layout=layout, dtype=w.dtype,
+                  device=w.device)
         with torch.no_grad():
             if init == "svd":
                 mod.lora_a.copy_(a)
@@ -203,7 +208,8 @@ class SparseLowRankLinear(_SparseSupport):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"nnz={self.layout.nnz} ({self.layout.density:.3%}, {self.layout.kind}), bias={self.bias is not None}")
+                f"nnz={self.layout.nnz} ({self.layout.density:.3%}, {self.layout.kind}), "
+                f"bias={self.bias is not None}")
 
 
 class SparseAdapterLinear(_SparseSupport):
@@ -223,7 +229,8 @@ class SparseAdapterLinear(_SparseSupport):
             raise TypeError(f"SparseAdapterLinear: base must be an nn.Linear, got {type(base).__name__}")
         m, n = base.weight.shape
         if not isinstance(layout, SparseLayout) or layout.shape != (m, n):
-            raise ValueError(f"SparseAdapterLinear: layout must be a SparseLayout of shape ({m}, {n}), got {layout!r}")
+            raise ValueError(f"SparseAdapterLinear: layout must be a SparseLayout of shape ({m}, {n}), "
+                             f"got {layout!r}")
         self.base = base
         if freeze_base:
             base.requires_grad_(False)
@@ -240,14 +247,16 @@ class SparseAdapterLinear(_SparseSupport):
                     seed: int = 0) -> "SparseAdapterLinear":
         """Adapter with a "random" (seeded, SLTrain/SHiRA-rand) or "topk" (largest |W|: SHiRA-WM) support."""
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"SparseAdapterLinear.from_linear: base must be an nn.Linear, got {type(base).__name__}")
+            raise TypeError("SparseAdapterLinear.from_linear: base must be an nn.Linear, got "
+                            f"{type(base).__name__}")
         m, n = base.weight.shape
         if support == "random":
             layout = SparseLayout.random(m, n, density, seed=seed)
         elif support == "topk":
             layout = SparseLayout.topk(base.weight.detach(), density)
         else:
-            raise ValueError(f"SparseAdapterLinear.from_linear: support must be 'random' or 'topk', got {support!r}")
+            raise ValueError("SparseAdapterLinear.from_linear: support must be 'random' or 'topk', got "
+                             f"{support!r}")
         return cls(base, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ Index memory is 4·(nnz + out + 1) bytes for CSR (≈ 0.5× SLTrain's int64 flat
 for the transpose: 12 bytes a nonzero in all.
 
 Constructors: :meth:`SparseLayout.random` (SLTrain: ``randperm(out·in)[:nnz]`` sorted, on CPU with a seeded
-``torch.Generator``, so a checkpoint needs only (seed, shape, nnz)), :meth:`SparseLayout.channels` (LOST: whole
-input columns or output rows), :meth:`SparseLayout.from_mask`, :meth:`SparseLayout.topk` (largest |score|
-entries: SHiRA-WM, LIFT-style principal weights, LOST's residual) and :meth:`SparseLayout.from_indices`
-(explicit (row, col) pairs, validated: in range, sorted row-major, no duplicates).
+``torch.Generator``, so a checkpoint needs only (seed, shape, nnz)), :meth:`SparseLayout.channels` (LOST:
+whole input columns or output rows), :meth:`SparseLayout.from_mask`, :meth:`SparseLayout.topk` (largest
+|score| entries: SHiRA-WM, LIFT-style principal weights, LOST's residual) and
+:meth:`SparseLayout.from_indices` (explicit (row, col) pairs, validated: in range, sorted row-major, no duplicates).
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ class SparseLayout:
         self.col_idx = col_idx.to(torch.int32).contiguous()
         self.kind, self.seed = kind, seed
         out, in_ = self.shape
-        rows = torch.repeat_interleave(torch.arange(out, device=self.row_ptr.device), self.row_ptr.long().diff())
+        rows = torch.repeat_interleave(torch.arange(out, device=self.row_ptr.device),
+                                       self.row_ptr.long().diff())
         cols = self.col_idx.long()
         # CSC order: by column, then row. A stable sort of the column keeps rows ascending inside each column
         # because CSR order already sorts rows first.
@@ -78,13 +79,13 @@ class SparseLayout:
         counts = torch.bincount(cols, minlength=in_)
         self.col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
-    # ---- constructors ------------------------------------------------------------------------------------------
+    # ---- constructors --------------------------------------------------------------------------------------
     @classmethod
     def random(cls, out_features: int, in_features: int, density: float, seed: int = 0) -> "SparseLayout":
         """SLTrain's uniform support: nnz = int(density·out·in) positions drawn without replacement.
 
-        Exactly ``torch.randperm(out·in, generator=torch.Generator().manual_seed(seed))[:nnz]`` sorted, on CPU,
-        so the same (seed, shape, density) gives the same support on every machine and device.
+        Exactly ``torch.randperm(out·in, generator=torch.Generator().manual_seed(seed))[:nnz]`` sorted, on
+        CPU, so the same (seed, shape, density) gives the same support on every machine and device.
         """
         out, in_ = _check_dim("out_features", out_features), _check_dim("in_features", in_features)
         density = check_density(density)
@@ -97,15 +98,16 @@ class SparseLayout:
 
     @classmethod
     def from_indices(cls, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> "SparseLayout":
-        """Explicit support: (rows[k], cols[k]) sorted row-major (row, then column), in range, no duplicates."""
+        """Explicit support: (rows[k], cols[k]) sorted row-major (row, then column), in range, no
+        duplicates."""
         out, in_ = _check_dim("shape[0]", shape[0]), _check_dim("shape[1]", shape[1])
         for name, t in (("rows", rows), ("cols", cols)):
             if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex():
                 got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise TypeError(f"SparseLayout.from_indices: {name} must be a 1-D integer tensor, got {got}")
         if rows.shape != cols.shape:
-            raise ValueError(f"SparseLayout.from_indices: rows {tuple(rows.shape)} and cols {tuple(cols.shape)} "
-                             "must have the same length")
+            raise ValueError(f"SparseLayout.from_indices: rows {tuple(rows.shape)} and cols "
+                             f"{tuple(cols.shape)} must have the same length")
         rows, cols = rows.long().cpu(), cols.long().cpu()
         for name, t, hi in (("rows", rows, out), ("cols", cols, in_)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= hi):
@@ -116,12 +118,12 @@ class SparseLayout:
             step = flat.diff()
             if bool((step == 0).any()):
                 k = int((step == 0).nonzero()[0])
-                raise ValueError(f"SparseLayout.from_indices: duplicate support entry (row {int(rows[k])}, col "
-                                 f"{int(cols[k])}) at positions {k} and {k + 1}")
+                raise ValueError(f"SparseLayout.from_indices: duplicate support entry (row {int(rows[k])}, "
+                                 f"col {int(cols[k])}) at positions {k} and {k + 1}")
             if bool((step < 0).any()):
                 k = int((step < 0).nonzero()[0])
-                raise ValueError(f"SparseLayout.from_indices: indices must be sorted row-major (row, then col); "
-                                 f"entry {k + 1} ({int(rows[k + 1])}, {int(cols[k + 1])}) follows "
+                raise ValueError("SparseLayout.from_indices: indices must be sorted row-major (row, then "
+                                 f"col); entry {k + 1} ({int(rows[k + 1])}, {int(cols[k + 1])}) follows "
                                  f"({int(rows[k])}, {int(cols[k])})")
         return cls._from_sorted_flat(flat, (out, in_), kind="indices")
 
@@ -149,7 +151,8 @@ class SparseLayout:
         """The int(density·out·in) entries of largest |scores| [out, in] (ties: lower flat position first)."""
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
             raise ValueError("SparseLayout.topk: scores must be a 2-D floating [out, in] tensor")
-        out, in_ = _check_dim("scores.shape[0]", scores.shape[0]), _check_dim("scores.shape[1]", scores.shape[1])
+        out = _check_dim("scores.shape[0]", scores.shape[0])
+        in_ = _check_dim("scores.shape[1]", scores.shape[1])
         nnz = int(check_density(density) * out * in_)
         mag = scores.detach().abs().flatten().double().cpu()
         order = torch.sort(mag, descending=True, stable=True).indices[:nnz]
@@ -158,14 +161,16 @@ class SparseLayout:
     @classmethod
     def channels(cls, out_features: int, in_features: int, channels: torch.Tensor | list[int], *,
                  dim: int = 1) -> "SparseLayout":
-        """Whole channels (LOST): every row of the listed input columns (``dim=1``) or output rows (``dim=0``)."""
+        """Whole channels (LOST): every row of the listed input columns (``dim=1``), or every column of the
+        listed output rows (``dim=0``)."""
         out, in_ = _check_dim("out_features", out_features), _check_dim("in_features", in_features)
         if dim not in (0, 1):
             raise ValueError(f"SparseLayout.channels: dim must be 0 (rows) or 1 (columns), got {dim}")
         ch = torch.as_tensor(channels).long().flatten().cpu()
         hi = out if dim == 0 else in_
         if ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= hi):
-            raise ValueError(f"SparseLayout.channels: channels must lie in [0, {hi}), got {ch.tolist()[:8]}...")
+            raise ValueError(f"SparseLayout.channels: channels must lie in [0, {hi}), got values in "
+                             f"[{int(ch.min())}, {int(ch.max())}]")
         if ch.unique().numel() != ch.numel():
             raise ValueError("SparseLayout.channels: channels contains duplicates")
         mask = torch.zeros(out, in_, dtype=torch.bool)
@@ -188,7 +193,7 @@ class SparseLayout:
             raise ValueError(f"SparseLayout: nnz = {int(row_ptr[-1])} does not fit the int32 indices")
         return cls(shape, row_ptr, flat - rows * in_, kind=kind, seed=seed)
 
-    # ---- views -------------------------------------------------------------------------------------------------
+    # ---- views ---------------------------------------------------------------------------------------------
     @property
     def nnz(self) -> int:
         return self.col_idx.shape[0]
@@ -207,7 +212,8 @@ class SparseLayout:
 
     def rows(self) -> torch.Tensor:
         """Row index of every CSR entry [nnz] int64."""
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), self.row_ptr.long().diff())
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device),
+                                       self.row_ptr.long().diff())
 
     def flat_indices(self) -> torch.Tensor:
         """Sorted row-major positions ``i·in + j`` [nnz] int64 (SLTrain's ``sparse_index``)."""
@@ -252,7 +258,8 @@ class SparseLayout:
         else:
             layout = cls(st["shape"], st["row_ptr"], st["col_idx"], kind=st["kind"], seed=st.get("seed"))
         if layout.nnz != st["nnz"]:
-            raise ValueError(f"SparseLayout.from_state: regenerated {layout.nnz} entries, checkpoint has {st['nnz']}")
+            raise ValueError(f"SparseLayout.from_state: regenerated {layout.nnz} entries, checkpoint has "
+                             f"{st['nnz']}")
         return layout
 
     def __eq__(self, other: object) -> bool:
@@ -263,5 +270,6 @@ class SparseLayout:
     __hash__ = None  # mutable tensors inside: not hashable
 
     def __repr__(self) -> str:
-        return (f"SparseLayout(shape={self.shape}, nnz={self.nnz}, density={self.density:.4g}, kind={self.kind!r}"
+        return (f"SparseLayout(shape={self.shape}, nnz={self.nnz}, density={self.density:.4g}, "
+                f"kind={self.kind!r}"
                 + (f", seed={self.seed}" if self.seed is not None else "") + ")")

@@ -1,8 +1,9 @@
 """Sparse-plus-low-rank linear (SLTrain, LOST): ``y = x·Aᵀ·Bᵀ + x·Sᵀ + b`` with W = B·A + S never formed.
 
-Shapes: x [..., in] (leading dims flattened into tokens, possibly zero tokens), lora_a A [r, in], lora_b B [out, r]
-(0 ≤ r ≤ min(in, out)), s_values [nnz] (S's nonzeros in the CSR order of ``s_layout``), s_layout a
-:class:`~lowrank.ops.SparseLayout` of shape (out, in) on x's device, bias b [out] or None. One floating dtype.
+Shapes: x [..., in] (leading dims flattened into tokens, possibly zero tokens), lora_a A [r, in],
+lora_b B [out, r] (0 ≤ r ≤ min(in, out)), s_values [nnz] (S's nonzeros in the CSR order of ``s_layout``),
+s_layout a :class:`~lowrank.ops.SparseLayout` of shape (out, in) on x's device, bias b [out] or None. One
+floating dtype.
 
 Ops (schemas in csrc/registration.cpp):
   * ``lowrank::sparse_lowrank_linear``: forward; C++ kernels for CPU (csrc/cpu/sparse_lowrank_linear.cpp) and
@@ -38,7 +39,8 @@ torch.library.register_fake("lowrank::sparse_lowrank_linear_triton")(_fake_forwa
 
 
 @torch.library.register_fake("lowrank::sparse_lowrank_linear_backward")
-def _fake_backward(grad_out, x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, output_mask):
+def _fake_backward(grad_out, x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm,
+                   output_mask):
     shapes = (x.shape, lora_a.shape, lora_b.shape, s_values.shape)
     return tuple(x.new_empty(s) if m else None for s, m in zip(shapes, output_mask))
 
@@ -52,19 +54,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     saved = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, da, db, dv = torch.ops.lowrank.sparse_lowrank_linear_backward(grad, *saved, [need[0], need[1], need[2],
-                                                                                      need[3]])
+    mask = [need[0], need[1], need[2], need[3]]
+    dx, da, db, dv = torch.ops.lowrank.sparse_lowrank_linear_backward(grad, *saved, mask)
     dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if need[9] else None
     return dx, da, db, dv, None, None, None, None, None, dbias
 
 
 torch.library.register_autograd("lowrank::sparse_lowrank_linear", _backward, setup_context=_setup_context)
-torch.library.register_autograd("lowrank::sparse_lowrank_linear_triton", _backward, setup_context=_setup_context)
+torch.library.register_autograd("lowrank::sparse_lowrank_linear_triton", _backward,
+                                setup_context=_setup_context)
 
 
 def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("sparse_lowrank_linear: double backward (create_graph=True) is not implemented by "
-                              "the kernels; use backend='torch' for higher-order gradients")
+    raise NotImplementedError("sparse_lowrank_linear: double backward (create_graph=True) is not implemented "
+                              "by the kernels; use backend='torch' for higher-order gradients")
 
 
 torch.library.register_autograd("lowrank::sparse_lowrank_linear_backward", _no_double_backward,
@@ -90,13 +93,13 @@ BACKENDS: tuple[Backend, ...] = (
             lambda d: has_kernel("lowrank::sparse_lowrank_linear", d)),
     Backend("cuda", ("cuda",), _FLOAT_DTYPES, _compiled(torch.ops.lowrank.sparse_lowrank_linear),
             lambda d: has_kernel("lowrank::sparse_lowrank_linear", d)),
-    Backend("triton", ("cuda", "cpu"), _FLOAT_DTYPES, _compiled(torch.ops.lowrank.sparse_lowrank_linear_triton),
-            _triton_probe),
+    Backend("triton", ("cuda", "cpu"), _FLOAT_DTYPES,
+            _compiled(torch.ops.lowrank.sparse_lowrank_linear_triton), _triton_probe),
     Backend("torch", ("cpu", "cuda"), _FLOAT_DTYPES, _reference_impl),
 )
 
 
-# ---- validation ----------------------------------------------------------------------------------------------
+# ---- validation ------------------------------------------------------------------------------------------
 def _validate(x, lora_a, lora_b, s_values, s_layout, bias) -> None:
     op = "sparse_lowrank_linear"
     named = [("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("s_values", s_values)]
@@ -116,16 +119,18 @@ def _validate(x, lora_a, lora_b, s_values, s_layout, bias) -> None:
         raise TypeError(f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
     for name, t in named[1:]:
         if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must share "
-                            "one dtype")
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must "
+                            "share one dtype")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if s_layout.device != x.device:
-        raise ValueError(f"{op}: s_layout is on {s_layout.device} but x is on {x.device} (use s_layout.to(device))")
+        raise ValueError(f"{op}: s_layout is on {s_layout.device} but x is on {x.device} "
+                         "(use s_layout.to(device))")
     out, in_ = s_layout.shape
     r = lora_a.shape[0]
     if x.shape[-1] != in_:
-        raise ValueError(f"{op}: x.shape[-1] = {x.shape[-1]} does not match s_layout.shape = (out={out}, in={in_})")
+        raise ValueError(f"{op}: x.shape[-1] = {x.shape[-1]} does not match s_layout.shape = "
+                         f"(out={out}, in={in_})")
     if lora_a.shape[1] != in_:
         raise ValueError(f"{op}: lora_a must be [r, in={in_}], got shape {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (out, r):
@@ -154,13 +159,14 @@ def sparse_lowrank_linear(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
         s_values: ``[nnz]`` values of S in ``s_layout``'s CSR (row-major) order, SLTrain's order.
         s_layout: the fixed support, shape ``(out, in)``, on x's device.
         bias: ``[out]`` or ``None``.
-        backend: "auto" (cpp on CPU, cuda, triton, torch in that order) or one of those names; a named backend that
-            cannot run raises :class:`~lowrank.BackendUnavailableError` listing why.
+        backend: "auto" (cpp on CPU, cuda, triton, torch in that order) or one of those names; a named
+            backend that cannot run raises :class:`~lowrank.BackendUnavailableError` listing why.
 
     Returns:
-        ``y`` ``[..., out]`` in x's dtype, differentiable w.r.t. x, lora_a, lora_b, s_values and bias. Low-precision
-        inputs accumulate the sparse sums in fp32. Memory beyond y: the [T, r] rank-r intermediate and O(in·64)
-        transposed token blocks; never an [out, in] tensor (backward: never a dense weight gradient).
+        ``y`` ``[..., out]`` in x's dtype, differentiable w.r.t. x, lora_a, lora_b, s_values and bias.
+        Low-precision inputs accumulate the sparse sums in fp32. Memory beyond y: the [T, r] rank-r
+        intermediate and O(in·64) transposed token blocks per thread; never an [out, in] tensor (backward:
+        never a dense weight gradient).
 
     Raises:
         TypeError: non-tensors, mixed dtypes, a non-SparseLayout layout.

@@ -8,11 +8,11 @@ order), s_layout the fixed support (anything with ``shape = (out, in)``, ``row_p
 
 Two plain-PyTorch forms, both differentiable by torch's autograd:
 
-* :func:`sparse_lowrank_linear` is the oracle (the specification): the low-rank path as two skinny products and
-  S scattered into a dense [out, in] matrix, computed in the inputs' dtype. Tests compare every kernel (forward
-  and all gradients) against it evaluated in float64.
-* :func:`sltrain_linear` is SLTrain's algorithm (Han et al., 2024, "SLTrain: a sparse plus low-rank approach for
-  parameter and memory efficient pretraining"), the peer in the benchmarks: the forward forms the dense
+* :func:`sparse_lowrank_linear` is the oracle (the specification): the low-rank path as two skinny products
+  and S scattered into a dense [out, in] matrix, computed in the inputs' dtype. Tests compare every kernel
+  (forward and all gradients) against it evaluated in float64.
+* :func:`sltrain_linear` is SLTrain's algorithm (Han et al., 2024, "SLTrain: a sparse plus low-rank approach
+  for parameter and memory efficient pretraining"), the peer in the benchmarks: the forward forms the dense
   W = B·A + S and runs a dense GEMM; the backward forms W again together with the dense weight gradient
   G = gᵀ·x [out, in] and projects it: dB = G·Aᵀ, dA = Bᵀ·G, d s_values = G at the support. That costs a dense
   layer's compute and two dense [out, in] temporaries, which is what lowrank's kernels avoid.

@@ -1,4 +1,4 @@
-"""lowrank.nn.SparseLowRankLinear and SparseAdapterLinear: construction, conversions, checkpoints, honest counts."""
+"""lowrank.nn.SparseLowRankLinear and SparseAdapterLinear: construction, conversions, checkpoints, counts."""
 import io
 
 import pytest

@@ -1,4 +1,4 @@
-"""lowrank.ops.SparseLayout: SLTrain-exact random supports, the CSC transpose, constructors and their errors."""
+"""lowrank.ops.SparseLayout: SLTrain-exact random supports, the CSC transpose, constructors, errors."""
 import pytest
 import torch
 
@@ -24,7 +24,8 @@ def test_random_is_sltrain_support(shape, density, seed):
     out, in_ = shape
     layout = SparseLayout.random(out, in_, density, seed=seed)
     nnz = int(density * out * in_)
-    expected = torch.sort(torch.randperm(out * in_, generator=torch.Generator().manual_seed(seed))[:nnz]).values
+    gen = torch.Generator().manual_seed(seed)
+    expected = torch.sort(torch.randperm(out * in_, generator=gen)[:nnz]).values
     assert layout.nnz == nnz and layout.kind == "random" and layout.seed == seed
     assert torch.equal(layout.flat_indices(), expected)
     assert torch.equal(flat_indices(layout), expected)

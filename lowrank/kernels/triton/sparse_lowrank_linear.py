@@ -7,11 +7,12 @@ csrc/registration.cpp; fake and autograd in lowrank/ops/sparse_lowrank_linear.py
 C++/CUDA ``sparse_lowrank_linear_backward``). Importing this module registers the CPU (interpreter) and CUDA
 implementations.
 
-Design: the rank-r part is two skinny GEMMs (cuBLAS / MKL run those at their peak; the second writes the output
-with the bias). The kernel then adds x·Sᵀ in place: one program per (BLOCK_T tokens × one output row i); it walks
-row i's nonzeros BLOCK_K at a time, gathers the [BLOCK_T, BLOCK_K] tile x[t, col_k] (the row's columns are sorted,
-so the gather touches few cache lines of each x row), multiplies by the values and reduces over k, accumulating in
-fp32 (fp64 for fp64). Each output element is read once and written once, rounded once.
+Design: the rank-r part is two skinny GEMMs (cuBLAS / MKL run those at their peak; the second writes the
+output with the bias). The kernel then adds x·Sᵀ in place: one program per (BLOCK_T tokens × one output row
+i); it walks row i's nonzeros BLOCK_K at a time, gathers the [BLOCK_T, BLOCK_K] tile x[t, col_k] (the row's
+columns are sorted, so the gather touches few cache lines of each x row), multiplies by the values and
+reduces over k, accumulating in fp32 (fp64 for fp64). Each output element is read once and written once,
+rounded once.
 """
 import torch
 import triton
@@ -39,7 +40,8 @@ def _sparse_add_fwd_kernel(
         mask_k = ks < end
         cols = tl.load(col_idx_ptr + ks, mask=mask_k, other=0).to(tl.int64)
         vals = tl.load(val_ptr + ks, mask=mask_k, other=0.0).to(ACC_DTYPE)
-        xt = tl.load(x_ptr + rows_x[:, None] + cols[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        xt = tl.load(x_ptr + rows_x[:, None] + cols[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                     other=0.0)
         acc += tl.sum(xt.to(ACC_DTYPE) * vals[None, :], axis=1)
     y_ptrs = y_ptr + offs_t.to(tl.int64) * stride_yt + row
     y = tl.load(y_ptrs, mask=mask_t, other=0.0).to(ACC_DTYPE)
