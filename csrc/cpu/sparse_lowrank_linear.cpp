@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "common/sparse_lowrank_checks.h"
@@ -40,22 +42,37 @@
 #define SLR_AVX2
 #endif
 #define SLR_INLINE inline __attribute__((always_inline))
+// GCC's -O3 unroll-and-jam fuses two nonzeros of the portable SpMM loop into one scalar loop over the tokens
+// (measured: 7x slower on AVX2); the portable kernels' wrappers turn that pass off.
+#if defined(__GNUC__) && !defined(__clang__)
+#define SLR_NO_JAM __attribute__((optimize("no-loop-unroll-and-jam")))
+#else
+#define SLR_NO_JAM
+#endif
 
 namespace lowrank {
 namespace {
 
 enum class Isa { kBase, kAvx2, kAvx512 };
 
+// The widest instruction set this CPU runs, read once from CPUID. LOWRANK_SPARSE_ISA=avx2 or =base (read once,
+// at the first call) caps it, so that tests on an AVX-512 machine also run the paths AVX2-only and older CPUs
+// take (tests/ops/test_sparse_lowrank_linear.py); it can only lower the level, never raise it.
 Isa cpu_isa() {
   static const Isa isa = [] {
+    Isa best = Isa::kBase;
 #if SLR_X86
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
-      return Isa::kAvx512;
+      best = Isa::kAvx512;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = Isa::kAvx2;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
-    return Isa::kBase;
+    const char* cap = std::getenv("LOWRANK_SPARSE_ISA");
+    if (cap != nullptr && std::string(cap) == "base") return Isa::kBase;
+    if (cap != nullptr && std::string(cap) == "avx2") return std::min(best, Isa::kAvx2);
+    return best;
   }();
   return isa;
 }
@@ -71,13 +88,17 @@ SLR_INLINE void spmm_rows_impl(const int32_t* ptr, const int32_t* idx, const acc
   for (int64_t rb = r0; rb < r1; rb += kRowTile) {
     const int64_t nr = std::min(kRowTile, r1 - rb);
     for (int64_t r = 0; r < nr; ++r) {
-      acc_t* acc = tile[r];
+      // A local accumulator (not the tile row) so the compiler can keep it in vector registers.
+      acc_t acc[TB];
       for (int j = 0; j < TB; ++j) acc[j] = 0;
       for (int32_t k = ptr[rb + r]; k < ptr[rb + r + 1]; ++k) {
         const acc_t v = val[k];
         const acc_t* s = srcT + static_cast<int64_t>(idx[k]) * TB;
+        // simd: without it GCC guards the loop with an aliasing check and often runs its scalar copy.
+#pragma omp simd
         for (int j = 0; j < TB; ++j) acc[j] += v * s[j];
       }
+      for (int j = 0; j < TB; ++j) tile[r][j] = acc[j];
     }
     for (int64_t j = 0; j < tb; ++j) {
       out_t* o = out + j * ldo + rb;
@@ -95,6 +116,7 @@ SLR_INLINE void sddmm_rows_impl(const int32_t* ptr, const int32_t* idx, const ac
     for (int32_t k = ptr[i]; k < ptr[i + 1]; ++k) {
       const acc_t* s = xT + static_cast<int64_t>(idx[k]) * TB;
       acc_t d = 0;
+#pragma omp simd reduction(+ : d)
       for (int j = 0; j < TB; ++j) d += g[j] * s[j];
       dv[k] += d;
     }
@@ -102,22 +124,22 @@ SLR_INLINE void sddmm_rows_impl(const int32_t* ptr, const int32_t* idx, const ac
 }
 
 template <typename acc_t, int TB, typename out_t>
-void spmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1,
+SLR_NO_JAM void spmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1,
                     out_t* o, int64_t ldo, int64_t tb) {
   spmm_rows_impl<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
 }
 template <typename acc_t, int TB, typename out_t>
-SLR_AVX2 void spmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0,
+SLR_AVX2 SLR_NO_JAM void spmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0,
                              int64_t r1, out_t* o, int64_t ldo, int64_t tb) {
   spmm_rows_impl<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
 }
 template <typename acc_t, int TB>
-void sddmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0, int64_t r1,
+SLR_NO_JAM void sddmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0, int64_t r1,
                      acc_t* dv) {
   sddmm_rows_impl<acc_t, TB>(p, i, g, x, r0, r1, dv);
 }
 template <typename acc_t, int TB>
-SLR_AVX2 void sddmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0,
+SLR_AVX2 SLR_NO_JAM void sddmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0,
                               int64_t r1, acc_t* dv) {
   sddmm_rows_impl<acc_t, TB>(p, i, g, x, r0, r1, dv);
 }
@@ -210,7 +232,7 @@ SLR_AVX512 void add_tile_avx512(const float (*tile)[TB], int64_t nr, out_t* out,
 // fp32: TB/16 registers per row accumulator; two accumulator sets (even/odd nonzeros) so that the FMA chains
 // hide the FMA latency even for TB = 16. fp64 runs the portable loops compiled for AVX-512.
 template <typename acc_t, int TB, typename out_t>
-SLR_AVX512 void spmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* val, const acc_t* srcT,
+SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* val, const acc_t* srcT,
                                  int64_t r0, int64_t r1, out_t* out, int64_t ldo, int64_t tb) {
   if constexpr (!std::is_same_v<acc_t, float>) {
     spmm_rows_impl<acc_t, TB>(ptr, idx, val, srcT, r0, r1, out, ldo, tb);
@@ -246,7 +268,7 @@ SLR_AVX512 void spmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const a
 }
 
 template <typename acc_t, int TB>
-SLR_AVX512 void sddmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* gT, const acc_t* xT,
+SLR_AVX512 SLR_NO_JAM void sddmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* gT, const acc_t* xT,
                                   int64_t r0, int64_t r1, acc_t* dv) {
   if constexpr (!std::is_same_v<acc_t, float>) {
     sddmm_rows_impl<acc_t, TB>(ptr, idx, gT, xT, r0, r1, dv);

@@ -233,3 +233,40 @@ def test_inputs_not_modified():
     torch.autograd.grad(y.sum(), args)
     for t, t0 in zip(args + list(layout.tensors()), before):
         assert torch.equal(t.detach(), t0)
+
+
+_PORTABLE_SCRIPT = """
+import torch
+from lowrank.ops import SparseLayout, sparse_lowrank_linear
+from lowrank.reference import sparse_lowrank_linear as reference
+from tests.conftest import assert_grads_match_oracle, assert_matches_oracle
+for T, in_, out, r, d in [(3, 17, 33, 2, 0.3), (17, 40, 24, 3, 0.2), (70, 33, 65, 2, 0.05)]:
+    layout = SparseLayout.random(out, in_, d, seed=1)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(T)
+        x, a, b, v, bias = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+                            for s in ((T, in_), (r, in_), (out, r), (layout.nnz,), (out,)))
+        y = sparse_lowrank_linear(x, a, b, v, layout, bias, backend="cpp")
+        ref = lambda *t: reference(*t[:4], layout, t[4])
+        assert_matches_oracle(y, ref, [x, a, b, v, bias])
+        go = torch.randn_like(y)
+        assert_grads_match_oracle(torch.autograd.grad(y, [x, a, b, v, bias], go), ref, [x, a, b, v, bias], go,
+                                  [0, 1, 2, 3, 4])
+print("ok")
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU instruction-set paths")
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_portable_cpu_paths(isa):
+    """LOWRANK_SPARSE_ISA caps the C++ kernels at AVX2 (the AMD CI machines) or baseline x86-64 loops, so this
+    AVX-512 machine also checks the paths other CPUs take (a subprocess: the level is read once)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "LOWRANK_SPARSE_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
