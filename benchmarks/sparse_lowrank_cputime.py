@@ -1,7 +1,7 @@
-"""Single-thread CPU time of ``lowrank.ops.sparse_lowrank_linear`` against SLTrain's dense algorithm and nn.Linear.
+"""Single-thread CPU time of ``lowrank.ops.sparse_lowrank_linear``, SLTrain's dense algorithm and nn.Linear.
 
-2048 tokens, rank 128, W 4096×4096 and 1024×4096 ([out, in]), density 1 / 3 / 5 %, fp32 and bf16, forward (no
-autograd graph) and forward + backward (gradients of x, A, B, values, bias; nn.Linear: x, W, b). Medians of
+2048 tokens, rank 128, W 4096×4096 and 1024×4096 ([out, in]), density 1 / 3 / 5 %, fp32 and bf16, forward
+(no autograd graph) and forward + backward (gradients of x, A, B, values, bias; nn.Linear: x, W, b). Medians of
 ``time.process_time`` over 3 interleaved rounds after one warm-up call each. On a shared, loaded 2-core machine
 the CPU time of one thread is far more stable than 2-thread wall-clock medians, which mostly measure the
 scheduler (bench_sparse_lowrank_linear.py has those, with peak memory). Prints a markdown table.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -191,6 +192,40 @@ class SparseLowRankLinear(_SparseSupport):
                 mod.s_values.copy_(resid.flatten()[layout.flat_indices()])
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    @classmethod
+    def from_sltrain(cls, state: Mapping[str, torch.Tensor], *, scaling: float) -> "SparseLowRankLinear":
+        """A layer from the ``state_dict`` of SLTrain's ``SpLoRaLinear`` (no permutation of the values).
+
+        SLTrain stores ``lora_A`` [r, in], ``lora_B`` [out, r], ``sparse_value`` [nnz], ``sparse_index``
+        (sorted int64 row-major positions: the CSR order) and ``bias``, and computes
+        y = x·(s·A)ᵀ·Bᵀ + x·Sᵀ + b with s = ``scaling`` (``lora_alpha / r``, or ``tanh`` of its trainable
+        ``scaling``); s is folded into ``lora_a``. The indices are validated (sorted, unique, in range) and
+        kept in the checkpoint record: SLTrain drew them from the global RNG, so no seed regenerates them.
+        """
+        for key in ("lora_A", "lora_B", "sparse_value", "sparse_index"):
+            if key not in state:
+                raise ValueError(f"SparseLowRankLinear.from_sltrain: state has no {key!r} "
+                                 f"(keys: {sorted(state)})")
+        a, b = state["lora_A"], state["lora_B"]
+        values, bias = state["sparse_value"], state.get("bias")
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"SparseLowRankLinear.from_sltrain: lora_A {tuple(a.shape)} and lora_B "
+                             f"{tuple(b.shape)} are not [r, in] and [out, r]")
+        (r, n), m = a.shape, b.shape[0]
+        layout = SparseLayout.from_flat(state["sparse_index"], (m, n))
+        if values.shape != (layout.nnz,):
+            raise ValueError(f"SparseLowRankLinear.from_sltrain: sparse_value {tuple(values.shape)} does not "
+                             f"match sparse_index [{layout.nnz}]")
+        mod = cls(n, m, r, layout.density, bias=bias is not None, layout=layout, dtype=a.dtype,
+                  device=a.device)
+        with torch.no_grad():
+            mod.lora_a.copy_(a * scaling)
+            mod.lora_b.copy_(b)
+            mod.s_values.copy_(values)
+            if bias is not None:
+                mod.bias.copy_(bias)
         return mod
 
     def dense(self) -> torch.Tensor:

@@ -130,3 +130,23 @@ def test_sparse_adapter():
     # adapter checkpoint: values + layout record only (the base is saved with the base model)
     sd = {k: v for k, v in ad.state_dict().items() if not k.startswith("base.")}
     assert set(sd) == {"s_values", "_extra_state"}
+
+
+def test_from_sltrain_state_dict():
+    """SLTrain's SpLoRaLinear state (values in sorted-flat-index order) loads without permutation."""
+    g = torch.Generator().manual_seed(4)
+    out, in_, r, nnz, alpha = 20, 24, 4, 37, 32.0
+    idx = torch.sort(torch.randperm(out * in_, generator=g)[:nnz]).values
+    state = {"lora_A": torch.randn(r, in_, generator=g), "lora_B": torch.randn(out, r, generator=g),
+             "sparse_value": torch.randn(nnz, generator=g), "sparse_index": idx,
+             "bias": torch.randn(out, generator=g)}
+    mod = SparseLowRankLinear.from_sltrain(state, scaling=alpha / r)
+    x = torch.randn(5, in_, generator=g)
+    s_dense = torch.zeros(out * in_).index_add_(0, idx, state["sparse_value"]).view(out, in_)
+    expected = x @ (state["lora_A"] * alpha / r).t() @ state["lora_B"].t() + x @ s_dense.t() + state["bias"]
+    torch.testing.assert_close(mod(x), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mod.s_values.detach(), state["sparse_value"])
+    with pytest.raises(ValueError, match="sorted row-major"):
+        SparseLowRankLinear.from_sltrain({**state, "sparse_index": idx.flip(0)}, scaling=1.0)
+    with pytest.raises(ValueError, match="no 'sparse_index'"):
+        SparseLowRankLinear.from_sltrain({k: v for k, v in state.items() if k != "sparse_index"}, scaling=1.0)
