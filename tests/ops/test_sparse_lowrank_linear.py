@@ -4,8 +4,9 @@ Every backend that runs here is tested: "cpp" and "torch" always, "triton" under
 (small shapes), "cuda" where a device exists. Parity (forward and the gradients of x, A, B, s_values and bias,
 under the conftest tolerance rule) covers float64/32/bf16, token counts 1, 3, 17, 33, 65, 255 (one partial,
 several and padded token blocks), odd in/out, densities 0, tiny (a few entries), 1%, 5%, 50% and 100%, rank 1.
-Also opcheck, fp64 gradcheck, torch.compile(fullgraph=True) parity, bad input, and a check that no dense
-[out, in] tensor is allocated in forward or backward.
+fp16 on two shapes. Also opcheck, fp64 gradcheck, torch.compile(fullgraph=True) parity, bad input, a check
+that no dense [out, in] tensor is allocated in forward or backward, and the AVX2 / baseline C++ paths
+(LOWRANK_SPARSE_ISA) in subprocesses.
 """
 import pytest
 import torch
