@@ -43,6 +43,23 @@ TORCH_LIBRARY(lowrank, m) {
   m.def(
       "multi_lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor scaling, Tensor perm, Tensor offsets, Tensor? ranks) -> Tensor");
+  // y = x·Aᵀ·Bᵀ + x·Sᵀ + bias, W = B·A + S never formed. x [..., in], lora_a [r, in], lora_b [out, r],
+  // s_values [nnz] in CSR order; the support (int32, built once by lowrank.ops.SparseLayout): CSR row_ptr
+  // [out + 1], col_idx [nnz] and its CSC transpose col_ptr [in + 1], row_idx [nnz], perm [nnz] (CSC entry k is
+  // CSR entry perm[k]; read by the backward). The _triton twin runs the sparse product in a Triton kernel.
+  m.set_python_module("lowrank.ops.sparse_lowrank_linear");
+  m.def(
+      "sparse_lowrank_linear(Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, Tensor row_ptr, "
+      "Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, Tensor? bias) -> Tensor");
+  // (dx, d lora_a, d lora_b, d s_values) under output_mask (undefined where false); d s_values is the sampled
+  // product g·ᵀx at the support only. The bias gradient is a row sum done by the caller.
+  m.def(
+      "sparse_lowrank_linear_backward(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, "
+      "Tensor row_ptr, Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, bool[4] output_mask) -> "
+      "(Tensor?, Tensor?, Tensor?, Tensor?)");
+  m.def(
+      "sparse_lowrank_linear_triton(Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, Tensor row_ptr, "
+      "Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, Tensor? bias) -> Tensor");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -4,5 +4,7 @@ from lowrank.reference.lora_linear import lora_linear
 from lowrank.reference.multi_lora_linear import multi_lora_linear
 from lowrank.reference.query_attention_mass import query_attention_mass
 from lowrank.reference.rsvd import rsvd
+from lowrank.reference.sparse_lowrank_linear import sltrain_linear, sparse_lowrank_linear
 
-__all__ = ["gather_logits", "lora_linear", "multi_lora_linear", "query_attention_mass", "rsvd"]
+__all__ = ["gather_logits", "lora_linear", "multi_lora_linear", "query_attention_mass", "rsvd", "sltrain_linear",
+           "sparse_lowrank_linear"]

@@ -1,0 +1,549 @@
+// Sparse-plus-low-rank linear (SLTrain, LOST), CPU.
+//   forward:  y = (x·Aᵀ)·Bᵀ + b + x·Sᵀ             x [T, in], A [r, in], B [out, r], S [out, in] with nnz values
+//   backward: gB = g·B;  dx = gB·A + g·S;  dA = gBᵀ·x;  dB = gᵀ·(x·Aᵀ);  dS[k] = Σ_t g[t, row_k]·x[t, col_k]
+// S lives on a fixed support: CSR (row_ptr, col_idx; the order of s_values) and its CSC transpose (col_ptr,
+// row_idx, perm), both built once per layer by lowrank.ops.SparseLayout. No [out, in] tensor is ever formed.
+//
+// The rank-r products are skinny GEMMs that MKL/oneDNN already run near their peak, so they stay at::mm. The
+// sparse products are hand-written, and all three (x·Sᵀ, g·S, and the sampled product dS) share one scheme:
+// tokens are processed in blocks of TB (64, or 16 for few tokens); the block of the dense operand is transposed
+// once into an fp32 (fp64 for fp64) buffer srcT [n][TB], so that each nonzero (i, c, v) becomes one TB-wide
+// axpy acc[i] += v·srcT[c] (four AVX-512 FMAs for TB = 64) or, for dS, one TB-wide dot product. The buffer is
+// n·TB·4 bytes (1 MiB for in = 4096): it stays in L2 while every nonzero of every row reads it, so each x row is
+// read from memory once per call however many nonzeros use it. Threads split output rows (x·Sᵀ, dS) or input
+// columns through the CSC order (g·S), so no two threads write the same output and no atomics are needed.
+// Row results are gathered in a 16-row tile and added to the [T, n] output row by row (16 contiguous values).
+//
+// bf16/fp16 inputs are converted in the transpose and accumulated in fp32; each output element is rounded once
+// after the sparse sum is added to the GEMM result. The AVX-512 code (fp32 accumulation) is chosen at run time
+// from CPUID; elsewhere the same loops are compiled for AVX2 or baseline x86-64 (function-level target
+// attributes, one source), so AVX2-only CPUs run a vectorized portable path.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "common/sparse_lowrank_checks.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SLR_X86 1
+#define SLR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define SLR_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define SLR_X86 0
+#define SLR_AVX512
+#define SLR_AVX2
+#endif
+#define SLR_INLINE inline __attribute__((always_inline))
+// GCC's -O3 unroll-and-jam fuses two nonzeros of the portable SpMM loop into one scalar loop over the tokens
+// (measured: 7x slower on AVX2); the portable kernels' wrappers turn that pass off.
+#if defined(__GNUC__) && !defined(__clang__)
+#define SLR_NO_JAM __attribute__((optimize("no-loop-unroll-and-jam")))
+#else
+#define SLR_NO_JAM
+#endif
+
+namespace lowrank {
+namespace {
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+// The widest instruction set this CPU runs, read once from CPUID. LOWRANK_SPARSE_ISA=avx2 or =base (read once,
+// at the first call) caps it, so that tests on an AVX-512 machine also run the paths AVX2-only and older CPUs
+// take (tests/ops/test_sparse_lowrank_linear.py); it can only lower the level, never raise it.
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBase;
+#if SLR_X86
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
+      best = Isa::kAvx512;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      best = Isa::kAvx2;
+    }
+#endif
+    const char* cap = std::getenv("LOWRANK_SPARSE_ISA");
+    if (cap != nullptr && std::string(cap) == "base") return Isa::kBase;
+    if (cap != nullptr && std::string(cap) == "avx2") return std::min(best, Isa::kAvx2);
+    return best;
+  }();
+  return isa;
+}
+
+constexpr int64_t kRowTile = 16;  // rows gathered before the transposed add into the output
+
+// ---- portable loops (compiled per ISA by the wrappers below) -------------------------------------------------
+// out[j, i] += Σ_{k in row i} val[k]·srcT[idx[k]][j]  for rows i in [r0, r1), tokens j < tb.
+template <typename acc_t, int TB, typename out_t>
+SLR_INLINE void spmm_rows_impl(const int32_t* ptr, const int32_t* idx, const acc_t* val, const acc_t* srcT,
+                               int64_t r0, int64_t r1, out_t* out, int64_t ldo, int64_t tb) {
+  alignas(64) acc_t tile[kRowTile][TB];
+  for (int64_t rb = r0; rb < r1; rb += kRowTile) {
+    const int64_t nr = std::min(kRowTile, r1 - rb);
+    for (int64_t r = 0; r < nr; ++r) {
+      // A local accumulator (not the tile row) so the compiler can keep it in vector registers.
+      acc_t acc[TB];
+      for (int j = 0; j < TB; ++j) acc[j] = 0;
+      for (int32_t k = ptr[rb + r]; k < ptr[rb + r + 1]; ++k) {
+        const acc_t v = val[k];
+        const acc_t* s = srcT + static_cast<int64_t>(idx[k]) * TB;
+        // simd: without it GCC guards the loop with an aliasing check and often runs its scalar copy.
+#pragma omp simd
+        for (int j = 0; j < TB; ++j) acc[j] += v * s[j];
+      }
+      for (int j = 0; j < TB; ++j) tile[r][j] = acc[j];
+    }
+    for (int64_t j = 0; j < tb; ++j) {
+      out_t* o = out + j * ldo + rb;
+      for (int64_t r = 0; r < nr; ++r) o[r] = static_cast<out_t>(static_cast<acc_t>(o[r]) + tile[r][j]);
+    }
+  }
+}
+
+// dv[k] += Σ_j gT[i][j]·xT[idx[k]][j]  for the entries k of rows i in [r0, r1).
+template <typename acc_t, int TB>
+SLR_INLINE void sddmm_rows_impl(const int32_t* ptr, const int32_t* idx, const acc_t* gT, const acc_t* xT,
+                                int64_t r0, int64_t r1, acc_t* dv) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const acc_t* g = gT + i * TB;
+    for (int32_t k = ptr[i]; k < ptr[i + 1]; ++k) {
+      const acc_t* s = xT + static_cast<int64_t>(idx[k]) * TB;
+      acc_t d = 0;
+#pragma omp simd reduction(+ : d)
+      for (int j = 0; j < TB; ++j) d += g[j] * s[j];
+      dv[k] += d;
+    }
+  }
+}
+
+template <typename acc_t, int TB, typename out_t>
+SLR_NO_JAM void spmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1,
+                    out_t* o, int64_t ldo, int64_t tb) {
+  spmm_rows_impl<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
+}
+template <typename acc_t, int TB, typename out_t>
+SLR_AVX2 SLR_NO_JAM void spmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0,
+                             int64_t r1, out_t* o, int64_t ldo, int64_t tb) {
+  spmm_rows_impl<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
+}
+template <typename acc_t, int TB>
+SLR_NO_JAM void sddmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0, int64_t r1,
+                     acc_t* dv) {
+  sddmm_rows_impl<acc_t, TB>(p, i, g, x, r0, r1, dv);
+}
+template <typename acc_t, int TB>
+SLR_AVX2 SLR_NO_JAM void sddmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0,
+                              int64_t r1, acc_t* dv) {
+  sddmm_rows_impl<acc_t, TB>(p, i, g, x, r0, r1, dv);
+}
+
+// ---- AVX-512 ------------------------------------------------------------------------------------------------
+#if SLR_X86
+// 16 fp32 lanes from 16 elements (masked tail reads nothing past the mask).
+SLR_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+SLR_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+SLR_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+SLR_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+SLR_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  // Round to nearest even, as c10::BFloat16 does (NaN stays a quiet NaN); plain AVX-512F, no BF16 extension.
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+SLR_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+SLR_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// In-register 16×16 fp32 transpose: r[q] lane c becomes r[c] lane q.
+SLR_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + k], 128-bit lane L: column 4L + k of rows 4g .. 4g + 3
+  for (int g = 0; g < 4; ++g) {
+    r[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512 v1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), v2 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    t[8 + k] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    t[4 + k] = _mm512_shuffle_f32x4(v2, w2, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(v2, w2, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// dst[c][j] = src[j, c] (j < tb, zero up to TB) for columns [c0, c1): 16×16 register transposes, so both the
+// reads (16 contiguous elements of a row) and the writes (16 contiguous tokens of a column) are whole vectors.
+template <typename scalar_t, int TB>
+SLR_AVX512 void pack_avx512(const scalar_t* src, int64_t lds, int64_t tb, int64_t c0, int64_t c1, float* dst) {
+  for (int64_t cb = c0; cb < c1; cb += 16) {
+    const int64_t nc = std::min<int64_t>(16, c1 - cb);
+    const __mmask16 cm = tail_mask(nc);
+    for (int64_t j0 = 0; j0 < TB; j0 += 16) {
+      __m512 r[16];
+      for (int64_t q = 0; q < 16; ++q) r[q] = j0 + q < tb ? load16(src + (j0 + q) * lds + cb, cm) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t k = 0; k < nc; ++k) _mm512_storeu_ps(dst + (cb + k) * TB + j0, r[k]);
+    }
+  }
+}
+
+// out[j, 0:nr] += tile[0:nr][j] for tokens j < tb: the tile transposed 16 tokens at a time, then one vector
+// read-modify-write of 16 contiguous outputs per token.
+template <int TB, typename out_t>
+SLR_AVX512 void add_tile_avx512(const float (*tile)[TB], int64_t nr, out_t* out, int64_t ldo, int64_t tb) {
+  const __mmask16 rm = tail_mask(nr);
+  for (int64_t j0 = 0; j0 < tb; j0 += 16) {
+    __m512 r[16];
+    for (int64_t q = 0; q < 16; ++q) r[q] = q < nr ? _mm512_load_ps(tile[q] + j0) : _mm512_setzero_ps();
+    transpose16(r);
+    const int64_t kn = std::min<int64_t>(16, tb - j0);
+    for (int64_t k = 0; k < kn; ++k) {
+      out_t* o = out + (j0 + k) * ldo;
+      store16(o, _mm512_add_ps(load16(o, rm), r[k]), rm);
+    }
+  }
+}
+
+// fp32: TB/16 registers per row accumulator; two accumulator sets (even/odd nonzeros) so that the FMA chains
+// hide the FMA latency even for TB = 16. fp64 runs the portable loops compiled for AVX-512.
+template <typename acc_t, int TB, typename out_t>
+SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* val, const acc_t* srcT,
+                                 int64_t r0, int64_t r1, out_t* out, int64_t ldo, int64_t tb) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    spmm_rows_impl<acc_t, TB>(ptr, idx, val, srcT, r0, r1, out, ldo, tb);
+  } else {
+    constexpr int NV = TB / 16;
+    alignas(64) float tile[kRowTile][TB];
+    for (int64_t rb = r0; rb < r1; rb += kRowTile) {
+      const int64_t nr = std::min(kRowTile, r1 - rb);
+      for (int64_t r = 0; r < nr; ++r) {
+        __m512 a0[NV], a1[NV];
+        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+        int32_t k = ptr[rb + r];
+        const int32_t ke = ptr[rb + r + 1];
+        for (; k + 1 < ke; k += 2) {
+          const __m512 v0 = _mm512_set1_ps(val[k]), v1 = _mm512_set1_ps(val[k + 1]);
+          const float* s0 = srcT + static_cast<int64_t>(idx[k]) * TB;
+          const float* s1 = srcT + static_cast<int64_t>(idx[k + 1]) * TB;
+          for (int v = 0; v < NV; ++v) {
+            a0[v] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s0 + 16 * v), a0[v]);
+            a1[v] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(s1 + 16 * v), a1[v]);
+          }
+        }
+        if (k < ke) {
+          const __m512 v0 = _mm512_set1_ps(val[k]);
+          const float* s0 = srcT + static_cast<int64_t>(idx[k]) * TB;
+          for (int v = 0; v < NV; ++v) a0[v] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s0 + 16 * v), a0[v]);
+        }
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r] + 16 * v, _mm512_add_ps(a0[v], a1[v]));
+      }
+      add_tile_avx512<TB>(tile, nr, out + rb, ldo, tb);
+    }
+  }
+}
+
+template <typename acc_t, int TB>
+SLR_AVX512 SLR_NO_JAM void sddmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* gT, const acc_t* xT,
+                                  int64_t r0, int64_t r1, acc_t* dv) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    sddmm_rows_impl<acc_t, TB>(ptr, idx, gT, xT, r0, r1, dv);
+  } else {
+    constexpr int NV = TB / 16;
+    for (int64_t i = r0; i < r1; ++i) {
+      __m512 g[NV];
+      for (int v = 0; v < NV; ++v) g[v] = _mm512_loadu_ps(gT + i * TB + 16 * v);
+      for (int32_t k = ptr[i]; k < ptr[i + 1]; ++k) {
+        const float* s = xT + static_cast<int64_t>(idx[k]) * TB;
+        __m512 p = _mm512_mul_ps(g[0], _mm512_loadu_ps(s));
+        for (int v = 1; v < NV; ++v) p = _mm512_fmadd_ps(g[v], _mm512_loadu_ps(s + 16 * v), p);
+        dv[k] += _mm512_reduce_add_ps(p);
+      }
+    }
+  }
+}
+#endif
+
+template <typename acc_t, int TB, typename out_t>
+void spmm_rows(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1, out_t* o,
+               int64_t ldo, int64_t tb) {
+#if SLR_X86
+  if (cpu_isa() == Isa::kAvx512) return spmm_rows_avx512<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
+  if (cpu_isa() == Isa::kAvx2) return spmm_rows_avx2<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
+#endif
+  spmm_rows_base<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
+}
+
+template <typename acc_t, int TB>
+void sddmm_rows(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0, int64_t r1,
+                acc_t* dv) {
+#if SLR_X86
+  if (cpu_isa() == Isa::kAvx512) return sddmm_rows_avx512<acc_t, TB>(p, i, g, x, r0, r1, dv);
+  if (cpu_isa() == Isa::kAvx2) return sddmm_rows_avx2<acc_t, TB>(p, i, g, x, r0, r1, dv);
+#endif
+  sddmm_rows_base<acc_t, TB>(p, i, g, x, r0, r1, dv);
+}
+
+// dst[c][j] = src[j, c] for tokens j < tb (zero for tb <= j < TB), columns c < n, converted to acc_t.
+template <typename scalar_t, typename acc_t, int TB>
+void pack_transposed(const scalar_t* src, int64_t lds, int64_t tb, int64_t n, acc_t* dst) {
+  // Grain: about 2^16 converted elements a task; a few-token block is one task.
+  const int64_t grain = std::max<int64_t>(256, (int64_t{1} << 16) / std::max<int64_t>(tb, 1));
+  at::parallel_for(0, n, grain, [&](int64_t c0, int64_t c1) {
+#if SLR_X86
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (cpu_isa() == Isa::kAvx512) return pack_avx512<scalar_t, TB>(src, lds, tb, c0, c1, dst);
+    }
+#endif
+    for (int64_t cb = c0; cb < c1; cb += 64) {
+      const int64_t ce = std::min(c1, cb + 64);
+      for (int64_t j = 0; j < tb; ++j) {
+        const scalar_t* s = src + j * lds;
+        for (int64_t c = cb; c < ce; ++c) dst[c * TB + j] = static_cast<acc_t>(s[c]);
+      }
+      for (int64_t c = cb; c < ce; ++c)
+        for (int64_t j = tb; j < TB; ++j) dst[c * TB + j] = acc_t(0);
+    }
+  });
+}
+
+// Below this many multiply-adds (nonzeros × block tokens) a block runs on one thread: waking a second one (and,
+// on a loaded machine, waiting for it at the barrier) costs more than the work.
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
+
+// Rows are handed to threads in chunks of whole row tiles.
+template <typename F>
+void parallel_rows(int64_t n, int64_t work, const F& f) {
+  const int64_t tiles = (n + kRowTile - 1) / kRowTile;
+  if (work < kMinParallelWork) return f(0, n);
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { f(b * kRowTile, std::min(n, e * kRowTile)); });
+}
+
+// Many tokens: threads take whole token blocks from a shared counter, each with its own transposed buffer, so the
+// call is one parallel region with no barrier per block. On this shared 2-core machine, where a thread is often
+// descheduled, two barriers per 64-token block made a 2048-token call 5x slower than one thread; the dynamic
+// hand-out also absorbs uneven progress. f(block, slot) runs every block once; slot < the returned count.
+int64_t block_slots(int64_t n_blocks) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_blocks));
+}
+
+template <typename F>
+void for_token_blocks(int64_t n_blocks, int64_t slots, const F& f) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, slots, 1, [&](int64_t b, int64_t e) {
+    for (int64_t slot = b; slot < e; ++slot) {
+      for (int64_t blk = next.fetch_add(1); blk < n_blocks; blk = next.fetch_add(1)) f(blk, slot);
+    }
+  });
+}
+
+// Token blocks per call from which threads split tokens instead of rows (fewer blocks: rows, so few-token calls
+// still use every thread).
+bool token_parallel(int64_t n_blocks) { return n_blocks >= 2 * at::get_num_threads() && at::get_num_threads() > 1; }
+
+// y[t, i] += Σ_k val[k]·src[t, idx[k]] over a compressed matrix (ptr, idx, val) with n_rows rows.
+//   forward x·Sᵀ: CSR of S, src = x.   dx += g·S: CSC of S (values permuted), src = g.
+template <typename scalar_t, typename acc_t, int TB>
+void spmm_add(const at::Tensor& src, const int32_t* ptr, const int32_t* idx, const acc_t* val, int64_t n_rows,
+              at::Tensor& y) {
+  const int64_t T = src.size(0), n_src = src.size(1), lds = src.stride(0), ldy = y.stride(0);
+  const int64_t n_blocks = (T + TB - 1) / TB;
+  const bool by_tokens = token_parallel(n_blocks);
+  const int64_t slots = by_tokens ? block_slots(n_blocks) : 1;
+  const at::Tensor buf =
+      at::empty({slots * n_src * TB}, src.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const scalar_t* s = src.const_data_ptr<scalar_t>();
+  scalar_t* out = y.mutable_data_ptr<scalar_t>();
+  auto block = [&](int64_t blk, int64_t slot, bool rows_parallel) {
+    const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0);
+    acc_t* srcT = buf.mutable_data_ptr<acc_t>() + slot * n_src * TB;
+    pack_transposed<scalar_t, acc_t, TB>(s + t0 * lds, lds, tb, n_src, srcT);
+    if (rows_parallel) {
+      parallel_rows(n_rows, ptr[n_rows] * tb, [&](int64_t r0, int64_t r1) {
+        spmm_rows<acc_t, TB>(ptr, idx, val, srcT, r0, r1, out + t0 * ldy, ldy, tb);
+      });
+    } else {
+      spmm_rows<acc_t, TB>(ptr, idx, val, srcT, 0, n_rows, out + t0 * ldy, ldy, tb);
+    }
+  };
+  if (by_tokens) {
+    for_token_blocks(n_blocks, slots, [&](int64_t blk, int64_t slot) { block(blk, slot, false); });
+  } else {
+    for (int64_t blk = 0; blk < n_blocks; ++blk) block(blk, 0, true);
+  }
+}
+
+// Few tokens: a 16-token block wastes less on padding (a 64-token block costs the same as 64 tokens).
+template <typename scalar_t, typename acc_t>
+void spmm_add_dispatch(const at::Tensor& src, const int32_t* ptr, const int32_t* idx, const acc_t* val,
+                       int64_t n_rows, at::Tensor& y) {
+  if (src.size(0) <= 16) {
+    spmm_add<scalar_t, acc_t, 16>(src, ptr, idx, val, n_rows, y);
+  } else {
+    spmm_add<scalar_t, acc_t, 64>(src, ptr, idx, val, n_rows, y);
+  }
+}
+
+// Backward sparse work, sharing the transposed g block: dx += g·S (CSC) and dv += SDDMM (CSR). Token-parallel
+// calls give each thread its own dv partial sum [nnz] (added up at the end): nnz·threads·4 bytes.
+template <typename scalar_t, typename acc_t, int TB>
+void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* row_ptr, const int32_t* col_idx,
+                     const int32_t* col_ptr, const int32_t* row_idx, const acc_t* val_csc, at::Tensor* dx,
+                     at::Tensor* dv) {
+  const int64_t T = g2.size(0), out = g2.size(1), in = x2.size(1), nnz = dv != nullptr ? dv->size(0) : 0;
+  const int64_t n_blocks = (T + TB - 1) / TB;
+  const bool by_tokens = token_parallel(n_blocks);
+  const int64_t slots = by_tokens ? block_slots(n_blocks) : 1;
+  const auto opts = g2.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor gbuf = at::empty({slots * out * TB}, opts);
+  const at::Tensor xbuf = dv != nullptr ? at::empty({slots * in * TB}, opts) : at::Tensor();
+  const at::Tensor dv_part = dv != nullptr && slots > 1 ? at::zeros({slots - 1, nnz}, opts) : at::Tensor();
+  const scalar_t* g = g2.const_data_ptr<scalar_t>();
+  const scalar_t* x = x2.const_data_ptr<scalar_t>();
+  const int64_t ldg = g2.stride(0), ldx = x2.stride(0);
+  auto block = [&](int64_t blk, int64_t slot, bool rows_parallel) {
+    const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0);
+    acc_t* gT = gbuf.mutable_data_ptr<acc_t>() + slot * out * TB;
+    pack_transposed<scalar_t, acc_t, TB>(g + t0 * ldg, ldg, tb, out, gT);
+    if (dx != nullptr) {
+      const int64_t ldo = dx->stride(0);
+      scalar_t* o = dx->mutable_data_ptr<scalar_t>() + t0 * ldo;
+      auto run = [&](int64_t c0, int64_t c1) {
+        spmm_rows<acc_t, TB>(col_ptr, row_idx, val_csc, gT, c0, c1, o, ldo, tb);
+      };
+      if (rows_parallel) parallel_rows(in, col_ptr[in] * tb, run); else run(0, in);
+    }
+    if (dv != nullptr) {
+      acc_t* xT = xbuf.mutable_data_ptr<acc_t>() + slot * in * TB;
+      acc_t* d = slot == 0 ? dv->mutable_data_ptr<acc_t>() : dv_part.mutable_data_ptr<acc_t>() + (slot - 1) * nnz;
+      pack_transposed<scalar_t, acc_t, TB>(x + t0 * ldx, ldx, tb, in, xT);
+      auto run = [&](int64_t r0, int64_t r1) { sddmm_rows<acc_t, TB>(row_ptr, col_idx, gT, xT, r0, r1, d); };
+      if (rows_parallel) parallel_rows(out, row_ptr[out] * tb, run); else run(0, out);
+    }
+  };
+  if (by_tokens) {
+    for_token_blocks(n_blocks, slots, [&](int64_t blk, int64_t slot) { block(blk, slot, false); });
+    if (dv_part.defined()) dv->add_(dv_part.sum(0));
+  } else {
+    for (int64_t blk = 0; blk < n_blocks; ++blk) block(blk, 0, true);
+  }
+}
+
+// 2-D view [tokens, n] with unit column stride (rows may be strided: the transposes read them in place).
+at::Tensor rows_view(const at::Tensor& t, int64_t n) {
+  at::Tensor t2 = t.reshape({-1, n});
+  return t2.stride(1) == 1 ? t2 : t2.contiguous();
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                     const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                     const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& perm,
+                                     const std::optional<at::Tensor>& bias) {
+  check_sparse_lowrank_args(x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, bias);
+  const int64_t in = lora_a.size(1), out = lora_b.size(0), nnz = s_values.size(0);
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  check_compressed_cpu(rp, ci, in, "sparse_lowrank_linear: (row_ptr, col_idx)");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out;
+  const at::Tensor x2 = rows_view(x, in);
+  const bool has_bias = bias.has_value() && bias->defined();
+  // Low-rank part and bias: two skinny GEMMs, the second writing the fresh output (bias in its epilogue).
+  const at::Tensor h = at::mm(x2, lora_a.t());
+  at::Tensor y = has_bias ? at::addmm(*bias, h, lora_b.t()) : at::mm(h, lora_b.t());
+  if (x2.size(0) > 0 && nnz > 0) {
+    const at::Tensor val = s_values.to(acc_type(x.scalar_type())).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_lowrank_linear_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      spmm_add_dispatch<scalar_t, acc_t>(x2, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
+                                         val.const_data_ptr<acc_t>(), out, y);
+    });
+  }
+  return y.view(out_shape);
+}
+
+using OptTensor = std::optional<at::Tensor>;
+
+// (dx, dA, dB, d s_values) under output_mask; the bias gradient is a row sum done by the caller.
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+    const at::Tensor& row_idx, const at::Tensor& perm, std::array<bool, 4> output_mask) {
+  check_sparse_lowrank_args(x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, std::nullopt);
+  const int64_t in = lora_a.size(1), out = lora_b.size(0), nnz = s_values.size(0);
+  check_sparse_lowrank_grad(grad_out, x, in, out);
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const at::Tensor cp = col_ptr.contiguous(), ri = row_idx.contiguous(), pm = perm.contiguous();
+  if (output_mask[3]) check_compressed_cpu(rp, ci, in, "sparse_lowrank_linear_backward: (row_ptr, col_idx)");
+  if (output_mask[0]) {
+    check_compressed_cpu(cp, ri, out, "sparse_lowrank_linear_backward: (col_ptr, row_idx)");
+    check_compressed_cpu(cp, pm, std::max<int64_t>(nnz, 1), "sparse_lowrank_linear_backward: (col_ptr, perm)");
+  }
+  const at::Tensor g2 = rows_view(grad_out, out);
+  const at::Tensor x2 = rows_view(x, in);
+  const int64_t T = x2.size(0);
+  OptTensor dx, da, db, dv;
+  at::Tensor gb;  // g·B [T, r], shared by dx and dA
+  if (output_mask[0] || output_mask[1]) gb = at::mm(g2, lora_b);
+  if (output_mask[0]) dx = at::mm(gb, lora_a);     // fresh [T, in]; the sparse g·S is added in place below
+  if (output_mask[1]) da = at::mm(gb.t(), x2);
+  if (output_mask[2]) db = at::mm(g2.t(), at::mm(x2, lora_a.t()));
+  at::Tensor dv_acc;
+  if (output_mask[3]) dv_acc = at::zeros({nnz}, s_values.options().dtype(acc_type(x.scalar_type())));
+  if (T > 0 && nnz > 0 && (output_mask[0] || output_mask[3])) {
+    const at::Tensor val_csc =
+        output_mask[0] ? s_values.to(acc_type(x.scalar_type())).index_select(0, pm) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_lowrank_linear_bwd", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      auto run = [&](auto tb_tag) {
+        constexpr int TB = decltype(tb_tag)::value;
+        sparse_backward<scalar_t, acc_t, TB>(g2, x2, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
+                                             cp.const_data_ptr<int32_t>(), ri.const_data_ptr<int32_t>(),
+                                             output_mask[0] ? val_csc.const_data_ptr<acc_t>() : nullptr,
+                                             output_mask[0] ? &*dx : nullptr, output_mask[3] ? &dv_acc : nullptr);
+      };
+      if (T <= 16) {
+        run(std::integral_constant<int, 16>{});
+      } else {
+        run(std::integral_constant<int, 64>{});
+      }
+    });
+  }
+  if (output_mask[0]) dx = dx->view(x.sizes());
+  if (output_mask[3]) dv = dv_acc.to(s_values.scalar_type());
+  return {dx, da, db, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("sparse_lowrank_linear", &sparse_lowrank_linear_cpu);
+  m.impl("sparse_lowrank_linear_backward", &sparse_lowrank_linear_backward_cpu);
+}
+
+}  // namespace lowrank
