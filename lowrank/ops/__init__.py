@@ -3,5 +3,6 @@ from lowrank.ops._backends import BackendUnavailableError
 from lowrank.ops.gather_logits import gather_logits
 from lowrank.ops.lora_linear import lora_linear
 from lowrank.ops.query_attention_mass import query_attention_mass
+from lowrank.ops.rank1_experts_lora import rank1_experts_lora
 
-__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "BackendUnavailableError"]
+__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "rank1_experts_lora", "BackendUnavailableError"]

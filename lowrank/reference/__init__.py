@@ -2,6 +2,7 @@
 from lowrank.reference.gather_logits import gather_logits
 from lowrank.reference.lora_linear import lora_linear
 from lowrank.reference.query_attention_mass import query_attention_mass
+from lowrank.reference.rank1_experts_lora import rank1_experts_lora, rank1_experts_lora_dense
 from lowrank.reference.rsvd import rsvd
 
-__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "rsvd"]
+__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "rank1_experts_lora", "rank1_experts_lora_dense", "rsvd"]

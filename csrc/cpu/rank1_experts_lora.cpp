@@ -1,0 +1,367 @@
+// Mixture of rank-1 experts LoRA, CPU (specification: lowrank/reference/rank1_experts_lora.py).
+//   forward:  act = x·[A; R]ᵀ = [h | z]  (one skinny GEMM: the router rows stacked under lora_a)
+//             per token (epilogue): top-k of the selection scores, gates g, u_tj = s·g_tj·h_{t,e_j}
+//             y = x·Wᵀ + b (base GEMM, fresh output), then y_t += Σ_j u_tj·b_{e_j} in place (sparse expand)
+//   backward: q = G·B [T, E];  dg_tj = s·h·q (+ grad of the returned gates), through the gate's softmax /
+//             normalisation into dz (router) or dh (self); dh += s·g·q for the selected experts;
+//             D = [dh | dz];  dx = G·W + D·[A; R];  d[A; R] = Dᵀ·x;  dB = Gᵀ·U (U: u scattered to [T, E]);
+//             dW = Gᵀ·x.
+// Why this order: the k-of-E expand touches k rows of Bᵀ per token, so it costs T·k·out instead of the dense
+// masked form's T·E·out (8× less at E = 64, k = 8); it is a separate pass over y because oneDNN's K = E GEMM
+// would do all E. The shrink cannot be sparse (every score is needed for top-k), so it is one at::mm against
+// [A; R] (a view when the module keeps them in one buffer, else a copy of 2E·in elements). The backward's rank
+// products are dense GEMMs over [T, E] matrices that are zero outside the selected experts: exact zeros for the
+// other experts, at ATen's GEMM speed.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <vector>
+
+#include "common/rank1_experts_common.h"
+#include "cpu/lowrank_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define R1_HAVE_AVX512 1
+#define R1_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#else
+#define R1_HAVE_AVX512 0
+#endif
+
+namespace lowrank {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// ---- base GEMM ----------------------------------------------------------------------------------------------
+// bf16 on AVX512-BF16 CPUs: oneDNN's linear (bias in the GEMM epilogue, beta = 0), measured 0.87–0.99× of
+// F.linear for lora_linear on this CPU; elsewhere ATen's addmm / mm.
+const c10::OperatorHandle* onednn_linear() {
+  static const c10::OperatorHandle* op = [] {
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
+  }();
+  return op;
+}
+
+at::Tensor base_gemm(const at::Tensor& x2, const at::Tensor& weight, const OptTensor& bias) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (x2.scalar_type() == at::kBFloat16 && onednn_linear() != nullptr && cpu::has_avx512_bf16() &&
+      weight.is_contiguous()) {
+    torch::jit::Stack stack{x2.contiguous(), weight, bias, std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    onednn_linear()->callBoxed(&stack);
+    return stack.back().toTensor();
+  }
+  return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+}
+
+// [A; R] [2E, in]: a view when router directly follows lora_a in one buffer (Rank1ExpertsLinear's layout).
+at::Tensor stacked_factors(const at::Tensor& lora_a, const OptTensor& router, bool use_router) {
+  if (!use_router) return lora_a;
+  const at::Tensor& r = *router;
+  if (lora_a.is_contiguous() && r.is_contiguous() && lora_a.is_alias_of(r) &&
+      r.storage_offset() == lora_a.storage_offset() + lora_a.numel()) {
+    return lora_a.as_strided({2 * lora_a.size(0), lora_a.size(1)}, {lora_a.size(1), 1});
+  }
+  return at::cat({lora_a, r}, 0);
+}
+
+// act = x·Mᵀ accumulated AND returned in fp32 (fp64 for fp64): the specification computes the gating in fp32
+// from the inputs as given, so that every backend selects the same experts (bf16-rounded scores would tie
+// often and flip selections on one-ulp differences). bf16 on AMX: the tile shrink writes fp32 directly; other
+// reduced-precision cases widen x and M first (ATen's CPU GEMM has no bf16-in / fp32-out form).
+at::Tensor activations(const at::Tensor& x2, const at::Tensor& m) {
+  if (x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kDouble) return at::mm(x2, m.t()).contiguous();
+  if (x2.scalar_type() == at::kBFloat16 && cpu::rank_amx_supported(x2, m)) return cpu::shrink_amx(x2, m, 1.0);
+  return at::mm(x2.to(at::kFloat), m.to(at::kFloat).t()).contiguous();
+}
+
+// ---- epilogue: selection and gates --------------------------------------------------------------------------
+// act [T, E] (self) or [T, 2E] ([h | z], router) in S; writes idx [T, k], gates [T, k] (post-threshold) and
+// u [T, k] = s·g·h_sel.
+template <typename S>
+void select_and_gate(const at::Tensor& act, const OptTensor& router_bias, int64_t E, int64_t k, bool router,
+                     double scaling, double temperature, std::optional<double> threshold, at::Tensor& idx,
+                     at::Tensor& gates, at::Tensor& u) {
+  const int64_t T = act.size(0), ld = act.size(1);
+  const S* a = act.data_ptr<S>();
+  at::Tensor rb;
+  if (router && router_bias.has_value() && router_bias->defined()) rb = router_bias->to(act.scalar_type()).contiguous();
+  const S* bp = rb.defined() ? rb.data_ptr<S>() : nullptr;
+  int64_t* ip = idx.data_ptr<int64_t>();
+  S* gp = gates.data_ptr<S>();
+  S* up = u.data_ptr<S>();
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<S> sel(E), val(k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const S* h = a + t * ld;
+      const S* z = router ? h + E : nullptr;
+      if (router) {
+        for (int64_t e = 0; e < E; ++e) sel[e] = S(1) / (S(1) + std::exp(-z[e])) + (bp ? bp[e] : S(0));
+      } else {
+        S ss = 0;
+        for (int64_t e = 0; e < E; ++e) ss += h[e] * h[e];
+        const S r = std::max(std::sqrt(ss), S(kRank1NormEps));
+        for (int64_t e = 0; e < E; ++e) sel[e] = h[e] / r;
+      }
+      int64_t* it = ip + t * k;
+      S* g = gp + t * k;
+      rank1_topk(sel.data(), E, k, it, val.data());
+      rank1_gates(h, z, E, it, k, router, temperature, g);
+      for (int64_t j = 0; j < k; ++j) {
+        if (threshold.has_value() && g[j] < S(*threshold)) g[j] = S(0);
+        up[t * k + j] = S(scaling) * g[j] * h[it[j]];
+      }
+    }
+  });
+}
+
+// ---- sparse expand: y_t += Σ_j u_tj · Bt[e_tj] ---------------------------------------------------------------
+// Bt [E, out] in the accumulation type (fp32; fp64 for fp64), contiguous. Portable: one fp32 row buffer per
+// token (the inner loop vectorizes with the baseline ISA); AVX-512: 64-column register tiles.
+template <typename T, typename S>
+void expand_sparse_portable(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& bt) {
+  const int64_t Tn = y.size(0), N = y.size(1), k = idx.size(1), ldy = y.stride(0);
+  T* yp = y.data_ptr<T>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const S* upp = u.data_ptr<S>();
+  const S* bp = bt.data_ptr<S>();
+  at::parallel_for(0, Tn, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<S> row(N);
+    for (int64_t t = t0; t < t1; ++t) {
+      T* yr = yp + t * ldy;
+      for (int64_t n = 0; n < N; ++n) row[n] = static_cast<S>(yr[n]);
+      for (int64_t j = 0; j < k; ++j) {
+        const S w = upp[t * k + j];
+        const S* b = bp + ip[t * k + j] * N;
+        for (int64_t n = 0; n < N; ++n) row[n] += w * b[n];
+      }
+      for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<T>(row[n]);
+    }
+  });
+}
+
+#if R1_HAVE_AVX512
+R1_AVX512 inline __m512 ld16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+R1_AVX512 inline __m512 ld16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+R1_AVX512 inline void st16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+R1_AVX512 inline void st16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
+}
+
+// Rows [t0, t1): each 64-column tile of a row is loaded once, takes the k scaled rows of Bᵀ, and is stored once.
+template <typename T>
+R1_AVX512 void expand_rows_avx512(int64_t t0, int64_t t1, int64_t N, int64_t k, T* yp, int64_t ldy,
+                                  const int64_t* ip, const float* upp, const float* bp) {
+  for (int64_t t = t0; t < t1; ++t) {
+    T* yr = yp + t * ldy;
+    const int64_t* it = ip + t * k;
+    const float* ut = upp + t * k;
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      __mmask16 m[4];
+      __m512 acc[4];
+      for (int v = 0; v < 4; ++v) {
+        const int64_t c = N - n0 - 16 * v;
+        m[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
+        acc[v] = ld16(yr + n0 + 16 * v, m[v]);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const __m512 w = _mm512_set1_ps(ut[j]);
+        const float* b = bp + it[j] * N + n0;
+        for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[v], b + 16 * v), acc[v]);
+      }
+      for (int v = 0; v < 4; ++v) st16(yr + n0 + 16 * v, acc[v], m[v]);
+    }
+  }
+}
+
+template <typename T>
+void expand_sparse_avx512(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& bt) {
+  const int64_t Tn = y.size(0), N = y.size(1), k = idx.size(1), ldy = y.stride(0);
+  T* yp = y.data_ptr<T>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* upp = u.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
+  at::parallel_for(0, Tn, 16, [&](int64_t t0, int64_t t1) {
+    expand_rows_avx512<T>(t0, t1, N, k, yp, ldy, ip, upp, bp);
+  });
+}
+#endif
+
+void expand_sparse_(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& lora_b) {
+  if (y.size(0) == 0) return;
+  const at::Tensor bt = lora_b.t().to(u.scalar_type()).contiguous();  // [E, out]
+#if R1_HAVE_AVX512
+  if (cpu::has_avx512_bf16() && u.scalar_type() == at::kFloat && y.stride(1) == 1) {
+    if (y.scalar_type() == at::kFloat) return expand_sparse_avx512<float>(y, idx, u, bt);
+    if (y.scalar_type() == at::kBFloat16) return expand_sparse_avx512<c10::BFloat16>(y, idx, u, bt);
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "rank1_expand", [&] {
+    if (u.scalar_type() == at::kDouble) {
+      expand_sparse_portable<scalar_t, double>(y, idx, u, bt);
+    } else {
+      expand_sparse_portable<scalar_t, float>(y, idx, u, bt);
+    }
+  });
+}
+
+at::ScalarType gate_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const OptTensor& router, const OptTensor& router_bias, int64_t top_k, double scaling,
+    c10::string_view gate, double temperature, std::optional<double> threshold) {
+  const bool use_router = rank1_is_router(std::string_view(gate.data(), gate.size()));
+  check_rank1_experts_args(x, weight, bias, lora_a, lora_b, router, router_bias, top_k, use_router, temperature);
+  const int64_t in = weight.size(1), out = weight.size(0), E = lora_a.size(0);
+  const at::Tensor x2 = x.reshape({-1, in});
+  const int64_t T = x2.size(0);
+  const auto gd = gate_dtype(x);
+  at::Tensor act = T > 0 ? activations(x2, stacked_factors(lora_a, router, use_router))
+                         : at::empty({0, use_router ? 2 * E : E}, x.options().dtype(gd));
+  at::Tensor idx = at::empty({T, top_k}, x.options().dtype(at::kLong));
+  at::Tensor gates = at::empty({T, top_k}, x.options().dtype(gd));
+  at::Tensor u = at::empty({T, top_k}, x.options().dtype(gd));
+  AT_DISPATCH_FLOATING_TYPES(gd, "rank1_gates", [&] {
+    select_and_gate<scalar_t>(act, router_bias, E, top_k, use_router, scaling, temperature, threshold, idx, gates, u);
+  });
+  at::Tensor y = base_gemm(x2, weight, bias);
+  expand_sparse_(y, idx, u, lora_b);
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  auto with = [&](int64_t last) {
+    std::vector<int64_t> s = lead;
+    s.push_back(last);
+    return s;
+  };
+  return {y.view(with(out)), idx.view(with(top_k)), gates.view(with(top_k)), act};
+}
+
+// ---- backward -----------------------------------------------------------------------------------------------
+// From act, idx, q = G·B [T, E] (S) and the returned gates' gradient: D = [dh | dz] [T, E or 2E] and
+// U [T, E] (u scattered), both in S.
+template <typename S>
+void gate_backward(const at::Tensor& act, const at::Tensor& idx, const at::Tensor& q, const OptTensor& grad_gates,
+                   int64_t E, bool router, double scaling, double temperature, std::optional<double> threshold,
+                   at::Tensor& D, at::Tensor& U) {
+  const int64_t T = act.size(0), k = idx.size(1), ld = act.size(1);
+  const S* a = act.data_ptr<S>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const S* qp = q.data_ptr<S>();
+  at::Tensor gg;
+  if (grad_gates.has_value() && grad_gates->defined()) gg = grad_gates->reshape({T, k}).to(act.scalar_type()).contiguous();
+  const S* ggp = gg.defined() ? gg.data_ptr<S>() : nullptr;
+  S* dp = D.data_ptr<S>();
+  S* Up = U.data_ptr<S>();
+  const S s = S(scaling);
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<S> g(k), dg(k), keep(k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const S* h = a + t * ld;
+      const S* z = router ? h + E : nullptr;
+      const int64_t* it = ip + t * k;
+      const S* qt = qp + t * E;
+      S* dh = dp + t * D.size(1);
+      S* dz = router ? dh + E : nullptr;
+      S* ut = Up + t * E;
+      const S r = rank1_gates(h, z, E, it, k, router, temperature, g.data());
+      S dot = 0;  // Σ_j g_j·dg_j (pre-threshold gates)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = it[j];
+        keep[j] = threshold.has_value() && g[j] < S(*threshold) ? S(0) : S(1);
+        const S gpost = g[j] * keep[j];
+        ut[e] = s * gpost * h[e];
+        dh[e] += s * gpost * qt[e];  // direct path: u = s·g·h
+        dg[j] = keep[j] * (s * h[e] * qt[e] + (ggp ? ggp[t * k + j] : S(0)));
+        dot += g[j] * dg[j];
+      }
+      if (router) {
+        S P = 0;
+        for (int64_t j = 0; j < k; ++j) P += S(1) / (S(1) + std::exp(-z[it[j]]));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t e = it[j];
+          const S p = S(1) / (S(1) + std::exp(-z[e]));
+          dz[e] = (dg[j] - dot) / P * p * (S(1) - p);  // g_j = p_j / P
+        }
+      } else {
+        // softmax over n_sel/τ, then n = h / r with r = max(‖h‖, eps).
+        S ndn = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const S dn = g[j] * (dg[j] - dot) / S(temperature);
+          dg[j] = dn;  // reuse: dn for expert it[j]
+          ndn += (h[it[j]] / r) * dn;
+        }
+        const bool clamped = r <= S(kRank1NormEps);
+        if (!clamped) {
+          for (int64_t e = 0; e < E; ++e) dh[e] -= (h[e] / r) * ndn / r;
+        }
+        for (int64_t j = 0; j < k; ++j) dh[it[j]] += dg[j] / r;
+      }
+    }
+  });
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_lora_backward_cpu(
+    const at::Tensor& grad_y, const OptTensor& grad_gates, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const OptTensor& router, const at::Tensor& indices,
+    const at::Tensor& act, double scaling, c10::string_view gate, double temperature,
+    std::optional<double> threshold, std::array<bool, 5> mask) {
+  const bool use_router = rank1_is_router(std::string_view(gate.data(), gate.size()));
+  const int64_t k = indices.size(-1);
+  check_rank1_experts_args(x, weight, std::nullopt, lora_a, lora_b, router, std::nullopt, k, use_router, temperature);
+  const int64_t in = weight.size(1), out = weight.size(0), E = lora_a.size(0);
+  const auto dt = x.scalar_type();
+  const auto gd = gate_dtype(x);
+  LOWRANK_CHECK_SAME_DTYPE(grad_y, x, "rank1_experts_lora_backward: grad_y", "x");
+  const at::Tensor g2 = grad_y.reshape({-1, out});
+  const at::Tensor x2 = x.reshape({-1, in});
+  const int64_t T = x2.size(0);
+  TORCH_CHECK_VALUE(g2.size(0) == T && act.dim() == 2 && act.size(0) == T &&
+                        act.size(1) == (use_router ? 2 * E : E) && indices.numel() == T * k,
+                    "rank1_experts_lora_backward: grad_y, indices or act do not match x");
+  OptTensor dx, dw, da, db, dr;
+  const bool need_d = mask[0] || mask[2] || mask[4];
+  at::Tensor D = at::zeros({T, use_router ? 2 * E : E}, x.options().dtype(gd));
+  at::Tensor U = at::zeros({T, E}, x.options().dtype(gd));
+  if (T > 0) {
+    const at::Tensor q = at::mm(g2, lora_b).to(gd).contiguous();  // G·B [T, E]
+    const at::Tensor a = act.to(gd).contiguous();
+    const at::Tensor idx = indices.reshape({T, k}).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(gd, "rank1_gate_backward", [&] {
+      gate_backward<scalar_t>(a, idx, q, grad_gates, E, use_router, scaling, temperature, threshold, D, U);
+    });
+  }
+  if (need_d) {
+    const at::Tensor Dd = D.to(dt);
+    if (mask[0]) {
+      // D·[A; R] first, then the base GEMM accumulates into it (beta = 1) inside its micro-kernel.
+      at::Tensor d = at::mm(Dd, stacked_factors(lora_a, router, use_router));
+      d.addmm_(g2, weight);
+      dx = d.view(x.sizes());
+    }
+    if (mask[2] || mask[4]) {
+      const at::Tensor dar = at::mm(Dd.t(), x2);  // [E or 2E, in]
+      // Clones: the two blocks must not share storage or carry an offset (outputs of one op are separate).
+      if (mask[2]) da = dar.narrow(0, 0, E).clone();
+      if (mask[4] && use_router) dr = dar.narrow(0, E, E).clone();
+    }
+  }
+  if (mask[1]) dw = at::mm(g2.t(), x2);
+  if (mask[3]) db = at::mm(g2.t(), U.to(dt));
+  return {dx, dw, da, db, dr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("rank1_experts_lora", &rank1_experts_lora_cpu);
+  m.impl("rank1_experts_lora_backward", &rank1_experts_lora_backward_cpu);
+}
+
+}  // namespace lowrank
