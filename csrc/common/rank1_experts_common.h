@@ -100,15 +100,16 @@ LOWRANK_HD void rank1_topk(const S* sel, int64_t E, int64_t k, int64_t* idx, S* 
   }
 }
 
-// Pre-threshold gates of one token from its activations: router: p = σ(z), g = p_sel / Σ p_sel; self:
-// g = softmax(n_sel / τ) with n = h / max(‖h‖, eps). Also returns ‖h‖ clamped (self) for the backward.
+// Pre-threshold gates of one token from its activations: router: g = p_sel / Σ p_sel with p = σ(z) the router
+// scores (computed by the caller over the whole [T, E] block: one vectorized pass instead of scalar exps);
+// self: g = softmax(n_sel / τ) with n = h / max(‖h‖, eps). Returns max(‖h‖, eps) (self) for the backward.
 template <typename S>
-LOWRANK_HD S rank1_gates(const S* h, const S* z, int64_t E, const int64_t* idx, int64_t k, bool router,
+LOWRANK_HD S rank1_gates(const S* h, const S* p, int64_t E, const int64_t* idx, int64_t k, bool router,
                          double temperature, S* g) {
   if (router) {
     S sum = 0;
     for (int64_t j = 0; j < k; ++j) {
-      g[j] = S(1) / (S(1) + std::exp(-z[idx[j]]));
+      g[j] = p[idx[j]];
       sum += g[j];
     }
     for (int64_t j = 0; j < k; ++j) g[j] /= sum;
