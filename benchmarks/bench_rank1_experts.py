@@ -28,7 +28,7 @@ from lowrank.nn import Rank1ExpertsLinear
 from lowrank.reference import rank1_experts_lora_dense
 
 # torch.ops.lowrank ops these benchmarks exercise (tests/test_registry.py checks every op is benchmarked somewhere).
-BENCHMARKED_OPS = {"rank1_experts_lora", "rank1_experts_lora_backward"}
+BENCHMARKED_OPS = {"rank1_experts_lora", "rank1_experts_lora_backward", "rank1_experts_lora_triton"}
 
 E, K = 64, 8
 SHAPES = ((2048, 768, 768), (2048, 768, 3072), (512, 4096, 4096), (8, 4096, 4096))
@@ -93,3 +93,36 @@ def test_rank1_experts(run_benchmark, benchmark, gate, dtype, shape, mode, impl)
             p.grad = None
     run_benchmark(step)
     m.expert_counts.zero_()
+
+
+@pytest.mark.parametrize("impl", ["linear", "dense", "cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_rank1_experts_gpu(run_benchmark, benchmark, shape, dtype, impl):
+    """GPU forward, gate "router": cuBLAS F.linear (floor), the dense masked peer, the "cuda" and "triton" backends.
+    Skipped without CUDA (the Triton interpreter's speed means nothing; tests/ops checks its numbers)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; Triton on CPU runs only in its (slow) interpreter")
+    from lowrank.ops import rank1_experts_lora
+
+    T, in_f, out_f = shape
+    m, x, _ = _layer(dtype, shape, "router", E, K)
+    m = m.cuda().eval()
+    x = x.cuda()
+    benchmark.group = f"gpu-fwd-router-{_dtype_name(dtype)}-{T}x{in_f}x{out_f}"
+    benchmark.extra_info.update(impl=impl, mode="fwd", gate="router", dtype=_dtype_name(dtype), T=T,
+                                in_features=in_f, out_features=out_f, experts=E, top_k=K)
+    if impl in ("linear", "dense"):
+        def call():
+            return _forward(impl, m, x)
+    else:
+        def call():
+            return rank1_experts_lora(x, m.weight, m.bias, m.lora_a, m.lora_b, K, router=m.router,
+                                      router_bias=m.router_bias, backend=impl)
+
+    def step():
+        out = call()
+        torch.cuda.synchronize()
+        return out
+    with torch.inference_mode():
+        run_benchmark(step)

@@ -40,6 +40,12 @@ TORCH_LIBRARY(lowrank, m) {
       "rank1_experts_lora_backward(Tensor grad_y, Tensor? grad_gates, Tensor x, Tensor weight, Tensor lora_a, "
       "Tensor lora_b, Tensor? router, Tensor indices, Tensor act, float scaling, str gate, float temperature, "
       "float? threshold, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The same forward run by the Triton kernels (lowrank/kernels/triton/rank1_experts_lora.py registers its CPU
+  // (interpreter) and CUDA implementations when triton is importable). Backward: rank1_experts_lora_backward.
+  m.def(
+      "rank1_experts_lora_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor? router, Tensor? router_bias, int top_k, float scaling, str gate, float temperature, "
+      "float? threshold) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -13,6 +13,8 @@ Ops (schemas in csrc/registration.cpp):
     act = x·[A; R]ᵀ (the rank activations and router logits, gate dtype) which the backward reuses, so the
     skinny GEMM is not repeated (T·2E·4 bytes kept, small next to x).
   * ``lowrank::rank1_experts_lora_backward``: (dx, dW, dA, dB, d router) under an output mask.
+  * ``lowrank::rank1_experts_lora_triton``: the forward run by the Triton kernels
+    (kernels/triton/rank1_experts_lora.py); same outputs, same backward.
 Straight-through semantics: the discrete selection gets no gradient; gradients reach x, the selected experts'
 a_e and b_e, the router through the gate values, and whatever the caller computes from the returned gates.
 """
@@ -22,7 +24,7 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, has_kernel, select
+from lowrank.ops._backends import Backend, has_kernel, select, triton_reasons
 from lowrank.reference import rank1_experts_lora as _reference
 
 __all__ = ["rank1_experts_lora", "BACKENDS"]
@@ -36,7 +38,6 @@ def _gate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- fake (meta) implementations -------------------------------------------------------------------------
-@torch.library.register_fake("lowrank::rank1_experts_lora")
 def _fake_forward(x, weight, bias, lora_a, lora_b, router, router_bias, top_k, scaling, gate, temperature,
                   threshold):
     lead = x.shape[:-1]
@@ -45,6 +46,10 @@ def _fake_forward(x, weight, bias, lora_a, lora_b, router, router_bias, top_k, s
     gd = _gate_dtype(x.dtype)
     return (x.new_empty((*lead, weight.shape[0])), x.new_empty((*lead, top_k), dtype=torch.int64),
             x.new_empty((*lead, top_k), dtype=gd), x.new_empty((tokens, 2 * E if gate == "router" else E), dtype=gd))
+
+
+torch.library.register_fake("lowrank::rank1_experts_lora")(_fake_forward)
+torch.library.register_fake("lowrank::rank1_experts_lora_triton")(_fake_forward)
 
 
 @torch.library.register_fake("lowrank::rank1_experts_lora_backward")
@@ -80,6 +85,7 @@ def _backward(ctx, grad_y, grad_indices, grad_gates, grad_act):
 
 
 torch.library.register_autograd("lowrank::rank1_experts_lora", _backward, setup_context=_setup_context)
+torch.library.register_autograd("lowrank::rank1_experts_lora_triton", _backward, setup_context=_setup_context)
 
 
 def _no_double_backward(ctx, *grads):
@@ -91,10 +97,20 @@ torch.library.register_autograd("lowrank::rank1_experts_lora_backward", _no_doub
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-def _cpp(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bias, gate, temperature, threshold):
-    y, idx, gates, _ = torch.ops.lowrank.rank1_experts_lora(x, weight, bias, lora_a, lora_b, router, router_bias,
-                                                           top_k, scaling, gate, temperature, threshold)
-    return y, idx, gates
+def _compiled(op):
+    def run(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bias, gate, temperature, threshold):
+        y, idx, gates, _ = op(x, weight, bias, lora_a, lora_b, router, router_bias, top_k, scaling, gate,
+                              temperature, threshold)
+        return y, idx, gates
+    return run
+
+
+def _triton_probe(device_type: str) -> tuple[str, ...]:
+    reasons = triton_reasons(device_type)
+    if not reasons:
+        # Importing the kernel module registers its implementation of lowrank::rank1_experts_lora_triton.
+        import lowrank.kernels.triton.rank1_experts_lora  # noqa: F401
+    return reasons
 
 
 def _torch(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bias, gate, temperature, threshold):
@@ -103,8 +119,12 @@ def _torch(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bias,
 
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("cpp", ("cpu",), _FLOAT_DTYPES, _cpp, lambda d: has_kernel("lowrank::rank1_experts_lora", d)),
-    Backend("cuda", ("cuda",), _FLOAT_DTYPES, _cpp, lambda d: has_kernel("lowrank::rank1_experts_lora", d)),
+    Backend("cpp", ("cpu",), _FLOAT_DTYPES, _compiled(torch.ops.lowrank.rank1_experts_lora),
+            lambda d: has_kernel("lowrank::rank1_experts_lora", d)),
+    Backend("cuda", ("cuda",), _FLOAT_DTYPES, _compiled(torch.ops.lowrank.rank1_experts_lora),
+            lambda d: has_kernel("lowrank::rank1_experts_lora", d)),
+    Backend("triton", ("cuda", "cpu"), _FLOAT_DTYPES, _compiled(torch.ops.lowrank.rank1_experts_lora_triton),
+            _triton_probe),
     Backend("torch", ("cpu", "cuda"), _FLOAT_DTYPES, _torch),
 )
 
@@ -217,7 +237,7 @@ def rank1_experts_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             over the selected).
         temperature: softmax temperature of ``gate="self"`` (> 0); must stay 1.0 for "router".
         threshold: gates below it become 0 (pruned ranks; meant for inference), or None.
-        backend: "auto" (cpp on CPU, cuda, torch) or one of those names; a named backend that cannot run raises
+        backend: "auto" (cpp on CPU, cuda, triton, torch) or one of those names; a named backend that cannot run raises
             :class:`~lowrank.BackendUnavailableError`.
 
     Returns:
