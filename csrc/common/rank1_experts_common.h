@@ -1,6 +1,5 @@
 // Mixture of rank-1 experts LoRA (lowrank/reference/rank1_experts_lora.py is the specification): argument
-// checks shared by the CPU and CUDA kernels, and the per-token gate math (top-k selection, gates and their
-// backward) written torch-free over raw pointers so that a host loop and a device kernel run the same code.
+// checks shared by the CPU and CUDA kernels (ATen); the per-token gate math is torch-free in rank1_experts_math.h.
 //   y_t = x_t·Wᵀ + b + s·Σ_{e ∈ topk(t)} g_te·h_te·b_e,  h = x·Aᵀ [T, E], act = [h | z] (z = x·routerᵀ, router gate)
 #pragma once
 #include <ATen/ATen.h>
@@ -10,16 +9,9 @@
 #include <string_view>
 
 #include "common/checks.h"
-
-#if defined(__CUDACC__)
-#define LOWRANK_HD __host__ __device__ inline
-#else
-#define LOWRANK_HD inline
-#endif
+#include "common/rank1_experts_math.h"
 
 namespace lowrank {
-
-constexpr double kRank1NormEps = 1e-12;  // floor of ‖h‖₂ under "self" gating (reference NORM_EPS)
 
 // Whether gate names the router gate (true) or self gate (false); anything else is an error.
 inline bool rank1_is_router(std::string_view gate) {
@@ -78,55 +70,6 @@ inline void check_rank1_experts_args(const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK_VALUE(!has_router && !has_rbias,
                       "rank1_experts_lora: gate='self' takes no router or router_bias");
   }
-}
-
-// k best of sel[0..E) into idx[0..k): descending score, ties to the lower index (a stable descending sort).
-// Scanning e upwards, a candidate enters only when strictly greater than the current k-th, so an equal later
-// index never passes an earlier one.
-template <typename S>
-LOWRANK_HD void rank1_topk(const S* sel, int64_t E, int64_t k, int64_t* idx, S* val) {
-  int64_t n = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const S v = sel[e];
-    if (n == k && !(v > val[k - 1])) continue;
-    int64_t pos = n < k ? n++ : k - 1;
-    while (pos > 0 && v > val[pos - 1]) {
-      val[pos] = val[pos - 1];
-      idx[pos] = idx[pos - 1];
-      --pos;
-    }
-    val[pos] = v;
-    idx[pos] = e;
-  }
-}
-
-// Pre-threshold gates of one token from its activations: router: g = p_sel / Σ p_sel with p = σ(z) the router
-// scores (computed by the caller over the whole [T, E] block: one vectorized pass instead of scalar exps);
-// self: g = softmax(n_sel / τ) with n = h / max(‖h‖, eps). Returns max(‖h‖, eps) (self) for the backward.
-template <typename S>
-LOWRANK_HD S rank1_gates(const S* h, const S* p, int64_t E, const int64_t* idx, int64_t k, bool router,
-                         double temperature, S* g) {
-  if (router) {
-    S sum = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      g[j] = p[idx[j]];
-      sum += g[j];
-    }
-    for (int64_t j = 0; j < k; ++j) g[j] /= sum;
-    return S(1);
-  }
-  S ss = 0;
-  for (int64_t e = 0; e < E; ++e) ss += h[e] * h[e];
-  const S r = std::max(std::sqrt(ss), S(kRank1NormEps));
-  // n_sel[0] is the largest selected score: the softmax's shift.
-  S sum = 0;
-  const S top = (h[idx[0]] / r) / S(temperature);
-  for (int64_t j = 0; j < k; ++j) {
-    g[j] = std::exp((h[idx[j]] / r) / S(temperature) - top);
-    sum += g[j];
-  }
-  for (int64_t j = 0; j < k; ++j) g[j] /= sum;
-  return r;
 }
 
 }  // namespace lowrank

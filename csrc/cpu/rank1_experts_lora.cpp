@@ -97,26 +97,10 @@ void select_and_gate(const at::Tensor& act, const at::Tensor& prob, const OptTen
   S* gp = gates.data_ptr<S>();
   S* up = u.data_ptr<S>();
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-    std::vector<S> sel(E), val(k);
     for (int64_t t = t0; t < t1; ++t) {
-      const S* h = a + t * ld;
-      const S* p = router ? pp + t * E : nullptr;
-      if (router) {
-        for (int64_t e = 0; e < E; ++e) sel[e] = p[e] + (bp ? bp[e] : S(0));
-      } else {
-        S ss = 0;
-        for (int64_t e = 0; e < E; ++e) ss += h[e] * h[e];
-        const S r = std::max(std::sqrt(ss), S(kRank1NormEps));
-        for (int64_t e = 0; e < E; ++e) sel[e] = h[e] / r;
-      }
-      int64_t* it = ip + t * k;
-      S* g = gp + t * k;
-      rank1_topk(router && !bp ? p : sel.data(), E, k, it, val.data());
-      rank1_gates(h, p, E, it, k, router, temperature, g);
-      for (int64_t j = 0; j < k; ++j) {
-        if (threshold.has_value() && g[j] < S(*threshold)) g[j] = S(0);
-        up[t * k + j] = S(scaling) * g[j] * h[it[j]];
-      }
+      rank1_forward_token(a + t * ld, router ? pp + t * E : static_cast<const S*>(nullptr), bp, E, k, router, scaling,
+                          temperature, threshold.has_value(), threshold.value_or(0.0), ip + t * k, gp + t * k,
+                          up + t * k);
     }
   });
 }
@@ -273,50 +257,15 @@ void gate_backward(const at::Tensor& act, const at::Tensor& prob, const at::Tens
   const S* ggp = gg.defined() ? gg.data_ptr<S>() : nullptr;
   S* dp = D.data_ptr<S>();
   S* Up = U.data_ptr<S>();
-  const S s = S(scaling);
+  const int64_t ldd = D.size(1);
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-    std::vector<S> g(k), dg(k), keep(k);
+    std::vector<S> g(k), dg(k);
     for (int64_t t = t0; t < t1; ++t) {
-      const S* h = a + t * ld;
-      const S* pt = router ? pp + t * E : nullptr;
-      const int64_t* it = ip + t * k;
-      const S* qt = qp + t * E;
-      S* dh = dp + t * D.size(1);
-      S* dz = router ? dh + E : nullptr;
-      S* ut = Up + t * E;
-      const S r = rank1_gates(h, pt, E, it, k, router, temperature, g.data());
-      S dot = 0;  // Σ_j g_j·dg_j (pre-threshold gates)
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = it[j];
-        keep[j] = threshold.has_value() && g[j] < S(*threshold) ? S(0) : S(1);
-        const S gpost = g[j] * keep[j];
-        ut[e] = s * gpost * h[e];
-        dh[e] += s * gpost * qt[e];  // direct path: u = s·g·h
-        dg[j] = keep[j] * (s * h[e] * qt[e] + (ggp ? ggp[t * k + j] : S(0)));
-        dot += g[j] * dg[j];
-      }
-      if (router) {
-        S P = 0;
-        for (int64_t j = 0; j < k; ++j) P += pt[it[j]];
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t e = it[j];
-          const S p = pt[e];
-          dz[e] = (dg[j] - dot) / P * p * (S(1) - p);  // g_j = p_j / P
-        }
-      } else {
-        // softmax over n_sel/τ, then n = h / r with r = max(‖h‖, eps).
-        S ndn = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          const S dn = g[j] * (dg[j] - dot) / S(temperature);
-          dg[j] = dn;  // reuse: dn for expert it[j]
-          ndn += (h[it[j]] / r) * dn;
-        }
-        const bool clamped = r <= S(kRank1NormEps);
-        if (!clamped) {
-          for (int64_t e = 0; e < E; ++e) dh[e] -= (h[e] / r) * ndn / r;
-        }
-        for (int64_t j = 0; j < k; ++j) dh[it[j]] += dg[j] / r;
-      }
+      S* dh = dp + t * ldd;
+      rank1_backward_token(a + t * ld, router ? pp + t * E : static_cast<const S*>(nullptr), E, ip + t * k, k,
+                           qp + t * E, ggp ? ggp + t * k : static_cast<const S*>(nullptr), router, scaling,
+                           temperature, threshold.has_value(), threshold.value_or(0.0), g.data(), dg.data(), dh,
+                           router ? dh + E : static_cast<S*>(nullptr), Up + t * E);
     }
   });
 }
