@@ -65,17 +65,25 @@ LOWRANK_HD void rank1_gates(const S* h, const S* p, const int64_t* idx, int64_t 
 }
 
 // Forward epilogue of one token: idx, gates (post-threshold) and u_j = s·g_j·h_sel.
+// Gates (post-threshold) and u of one token whose selection idx is made (r: rank1_norm for self, 1 for router).
+template <typename S>
+LOWRANK_HD void rank1_finish_token(const S* h, const S* p, const int64_t* idx, int64_t k, bool router, S r,
+                                   double scaling, double temperature, bool has_threshold, double threshold, S* g,
+                                   S* u) {
+  rank1_gates(h, p, idx, k, router, r, temperature, g);
+  for (int64_t j = 0; j < k; ++j) {
+    if (has_threshold && g[j] < S(threshold)) g[j] = S(0);
+    u[j] = S(scaling) * g[j] * h[idx[j]];
+  }
+}
+
 template <typename S>
 LOWRANK_HD void rank1_forward_token(const S* h, const S* p, const S* rb, int64_t E, int64_t k, bool router,
                                     double scaling, double temperature, bool has_threshold, double threshold,
                                     int64_t* idx, S* g, S* u) {
   const S r = router ? S(1) : rank1_norm(h, E);
   rank1_select(h, p, rb, E, k, router, r, idx, g);  // g holds the selection scores until rank1_gates
-  rank1_gates(h, p, idx, k, router, r, temperature, g);
-  for (int64_t j = 0; j < k; ++j) {
-    if (has_threshold && g[j] < S(threshold)) g[j] = S(0);
-    u[j] = S(scaling) * g[j] * h[idx[j]];
-  }
+  rank1_finish_token(h, p, idx, k, router, r, scaling, temperature, has_threshold, threshold, g, u);
 }
 
 // Backward of one token. q = (G·B)_t [E], gg = grad of the returned gates [k] or null. Adds into dh [E] (and

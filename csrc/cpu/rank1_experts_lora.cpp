@@ -13,11 +13,14 @@
 // products are dense GEMMs over [T, E] matrices that are zero outside the selected experts: exact zeros for the
 // other experts, at ATen's GEMM speed.
 #include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/rank1_experts_common.h"
@@ -80,16 +83,40 @@ at::Tensor activations(const at::Tensor& x2, const at::Tensor& m) {
   return at::mm(x2.to(at::kFloat), m.to(at::kFloat).t()).contiguous();
 }
 
+#if R1_HAVE_AVX512
+// The k best of sel[0..Ep) (Ep a multiple of 16, padded with -inf; sel is consumed): k rounds of a vector max,
+// the lowest index holding it (the selection rule: ties to the lower index), then that entry set to -inf. Same
+// result as rank1_select (common/rank1_experts_math.h) for non-NaN scores.
+R1_AVX512 void select_avx512(float* sel, int64_t Ep, int64_t k, int64_t* idx) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < k; ++j) {
+    __m512 mx = ninf;
+    for (int64_t c = 0; c < Ep; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sel + c));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    int64_t win = 0;
+    for (int64_t c = 0; c < Ep; c += 16) {
+      const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(sel + c), m, _CMP_EQ_OQ);
+      if (eq) {
+        win = c + __builtin_ctz(static_cast<unsigned>(eq));
+        break;
+      }
+    }
+    idx[j] = win;
+    sel[win] = -std::numeric_limits<float>::infinity();
+  }
+}
+#endif
+
 // ---- epilogue: selection and gates --------------------------------------------------------------------------
 // act [T, E] (self) or [T, 2E] ([h | z], router) in S; writes idx [T, k], gates [T, k] (post-threshold) and
 // u [T, k] = s·g·h_sel.
 template <typename S>
-void select_and_gate(const at::Tensor& act, const at::Tensor& prob, const OptTensor& router_bias, int64_t E,
+void select_and_gate(const at::Tensor& act, at::Tensor& prob, const OptTensor& router_bias, int64_t E,
                      int64_t k, bool router, double scaling, double temperature, std::optional<double> threshold,
                      at::Tensor& idx, at::Tensor& gates, at::Tensor& u) {
   const int64_t T = act.size(0), ld = act.size(1);
   const S* a = act.data_ptr<S>();
-  const S* pp = router ? prob.data_ptr<S>() : nullptr;
+  S* pp = router ? prob.data_ptr<S>() : nullptr;
   at::Tensor rb;
   if (router && router_bias.has_value() && router_bias->defined()) rb = router_bias->to(act.scalar_type()).contiguous();
   const S* bp = rb.defined() ? rb.data_ptr<S>() : nullptr;
@@ -97,6 +124,33 @@ void select_and_gate(const at::Tensor& act, const at::Tensor& prob, const OptTen
   S* gp = gates.data_ptr<S>();
   S* up = u.data_ptr<S>();
   at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    // σ(z) for this chunk of tokens: ATen's vectorized CPU sigmoid kernel (as the reference's), run serially
+    // inside this region rather than as a parallel op of its own. at::cpu:: calls the kernel directly, without a
+    // dispatcher round trip whose thread-local state (inference mode) the worker threads do not carry.
+    if (router) {
+      at::Tensor chunk = prob.narrow(0, t0, t1 - t0);
+      at::cpu::sigmoid_out(chunk, act.narrow(0, t0, t1 - t0).narrow(1, E, E));
+    }
+#if R1_HAVE_AVX512
+    if constexpr (std::is_same_v<S, float>) {
+      if (cpu::has_avx512_bf16()) {
+        // Selection scores into a -inf padded buffer, then k rounds of a vector max (select_avx512): the scalar
+        // insertion's data-dependent branches cost ~0.35 µs a token at E = 64, k = 8.
+        const int64_t Ep = (E + 15) / 16 * 16;
+        std::vector<float> sel(Ep, -std::numeric_limits<float>::infinity());
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* h = a + t * ld;
+          const float* p = router ? pp + t * E : nullptr;
+          const float r = router ? 1.f : rank1_norm(h, E);
+          for (int64_t e = 0; e < E; ++e) sel[e] = router ? p[e] + (bp ? bp[e] : 0.f) : h[e] / r;
+          select_avx512(sel.data(), Ep, k, ip + t * k);
+          rank1_finish_token(h, p, ip + t * k, k, router, r, scaling, temperature, threshold.has_value(),
+                             threshold.value_or(0.0), gp + t * k, up + t * k);
+        }
+        return;
+      }
+    }
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       rank1_forward_token(a + t * ld, router ? pp + t * E : static_cast<const S*>(nullptr), bp, E, k, router, scaling,
                           temperature, threshold.has_value(), threshold.value_or(0.0), ip + t * k, gp + t * k,
@@ -110,29 +164,45 @@ at::Tensor router_probs(const at::Tensor& act, int64_t E, bool router) {
   return router ? at::sigmoid(act.narrow(1, E, E)).contiguous() : at::Tensor();
 }
 
-// ---- sparse expand: y_t += Σ_j u_tj · Bt[e_tj] ---------------------------------------------------------------
-// Bt [E, out] in the accumulation type (fp32; fp64 for fp64), contiguous. Portable: one fp32 row buffer per
-// token (the inner loop vectorizes with the baseline ISA); AVX-512: 64-column register tiles.
-template <typename T, typename S>
-void expand_sparse_portable(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& bt) {
-  const int64_t Tn = y.size(0), N = y.size(1), k = idx.size(1), ldy = y.stride(0);
-  T* yp = y.data_ptr<T>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const S* upp = u.data_ptr<S>();
-  const S* bp = bt.data_ptr<S>();
-  at::parallel_for(0, Tn, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<S> row(N);
-    for (int64_t t = t0; t < t1; ++t) {
-      T* yr = yp + t * ldy;
-      for (int64_t n = 0; n < N; ++n) row[n] = static_cast<S>(yr[n]);
-      for (int64_t j = 0; j < k; ++j) {
-        const S w = upp[t * k + j];
-        const S* b = bp + ip[t * k + j] * N;
-        for (int64_t n = 0; n < N; ++n) row[n] += w * b[n];
-      }
-      for (int64_t n = 0; n < N; ++n) yr[n] = static_cast<T>(row[n]);
-    }
+// ---- sparse expand: y_t += Σ_j u_tj · b_{e_tj} -----------------------------------------------------------------
+// Bᵀ is first widened once into an [E, out] buffer of the accumulation type (serially: E·out elements, 786 KB at
+// E = 64, out = 3072, L2-resident), then the work runs over blocks of 64 tokens; inside a block, 64-column slab
+// by slab, every token adds its k scaled rows of the slab (E·256 bytes, L1-resident) into its 64 columns, each y
+// tile read and written once. Measured single-threaded, bf16, k = 8: walking one slab over all tokens strides
+// y by a whole row (≥ 4 KB, past the hardware prefetcher) and ran at ~7 GB/s (3.5 ms at 2048×768×3072); a
+// token-major walk over a full Bᵀ reads k rows per token from L2. The widening stays out of ATen's parallel
+// copy: on this shared 2-core machine each extra parallel region can cost a scheduler time slice.
+constexpr int64_t kSlab = 64;
+constexpr int64_t kTokBlock = 64;
+
+template <typename S>
+at::Tensor widen_bt(const at::Tensor& lora_b, at::ScalarType acc) {
+  const int64_t N = lora_b.size(0), E = lora_b.size(1), ld0 = lora_b.stride(0), ld1 = lora_b.stride(1);
+  at::Tensor bt = at::empty({E, N}, lora_b.options().dtype(acc));
+  S* o = bt.data_ptr<S>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lora_b.scalar_type(), "rank1_widen", [&] {
+    const scalar_t* b = lora_b.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t e = 0; e < E; ++e) o[e * N + n] = static_cast<S>(b[n * ld0 + e * ld1]);
   });
+  return bt;
+}
+
+// Tokens [t0, t1) × columns [n0, n0 + cols); bt [E, N] (row stride N).
+template <typename T, typename S>
+void expand_tile_portable(T* yp, int64_t ldy, int64_t t0, int64_t t1, int64_t n0, int64_t cols, int64_t k,
+                          const int64_t* ip, const S* up, const S* bt, int64_t N) {
+  S row[kSlab];
+  for (int64_t t = t0; t < t1; ++t) {
+    T* yr = yp + t * ldy + n0;
+    for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<S>(yr[c]);
+    for (int64_t j = 0; j < k; ++j) {
+      const S w = up[t * k + j];
+      const S* b = bt + ip[t * k + j] * N + n0;
+      for (int64_t c = 0; c < cols; ++c) row[c] += w * b[c];
+    }
+    for (int64_t c = 0; c < cols; ++c) yr[c] = static_cast<T>(row[c]);
+  }
 }
 
 #if R1_HAVE_AVX512
@@ -145,65 +215,66 @@ R1_AVX512 inline void st16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
 }
 
-// Rows [t0, t1), column slab by column slab: a 64-column slab of Bᵀ (E·256 bytes: 16 KB at E = 64) stays in L1
-// while every token of the block adds its k rows of it, so Bᵀ is streamed from L2 once per block instead of k
-// rows per token (measured 2048×768×3072, k = 8: the token-major order was L2-bound at 4.5–6.7 ms). Each
-// 64-column tile of y is loaded once, takes the k scaled rows, and is stored once.
+// The same tile with the 64 columns of a token in four AVX-512 registers.
 template <typename T>
-R1_AVX512 void expand_rows_avx512(int64_t t0, int64_t t1, int64_t N, int64_t k, T* yp, int64_t ldy,
-                                  const int64_t* ip, const float* upp, const float* bp) {
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    __mmask16 m[4];
-    for (int v = 0; v < 4; ++v) {
-      const int64_t c = N - n0 - 16 * v;
-      m[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-      T* yr = yp + t * ldy + n0;
-      const int64_t* it = ip + t * k;
-      const float* ut = upp + t * k;
-      __m512 acc[4];
-      for (int v = 0; v < 4; ++v) acc[v] = ld16(yr + 16 * v, m[v]);
-      for (int64_t j = 0; j < k; ++j) {
-        const __m512 w = _mm512_set1_ps(ut[j]);
-        const float* b = bp + it[j] * N + n0;
-        for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[v], b + 16 * v), acc[v]);
-      }
-      for (int v = 0; v < 4; ++v) st16(yr + 16 * v, acc[v], m[v]);
-    }
+R1_AVX512 void expand_tile_avx512(T* yp, int64_t ldy, int64_t t0, int64_t t1, int64_t n0, int64_t cols, int64_t k,
+                                  const int64_t* ip, const float* up, const float* bt, int64_t N) {
+  __mmask16 m[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t c = cols - 16 * v;
+    m[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
   }
-}
-
-template <typename T>
-void expand_sparse_avx512(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& bt) {
-  const int64_t Tn = y.size(0), N = y.size(1), k = idx.size(1), ldy = y.stride(0);
-  T* yp = y.data_ptr<T>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  const float* upp = u.data_ptr<float>();
-  const float* bp = bt.data_ptr<float>();
-  // Blocks of 64 tokens: a [64, 64] tile of y (16 KB fp32 / 8 KB bf16) sits next to the Bᵀ slab in L1/L2.
-  at::parallel_for(0, (Tn + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) expand_rows_avx512<T>(b * 64, std::min(Tn, b * 64 + 64), N, k, yp, ldy, ip, upp, bp);
-  });
+  for (int64_t t = t0; t < t1; ++t) {
+    T* yr = yp + t * ldy + n0;
+    __m512 acc[4];
+    for (int v = 0; v < 4; ++v) acc[v] = ld16(yr + 16 * v, m[v]);
+    for (int64_t j = 0; j < k; ++j) {
+      const __m512 w = _mm512_set1_ps(up[t * k + j]);
+      const float* b = bt + ip[t * k + j] * N + n0;
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[v], b + 16 * v), acc[v]);
+    }
+    for (int v = 0; v < 4; ++v) st16(yr + 16 * v, acc[v], m[v]);
+  }
 }
 #endif
 
-void expand_sparse_(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& lora_b) {
-  if (y.size(0) == 0) return;
-  at::Tensor bt = at::empty({lora_b.size(1), lora_b.size(0)}, u.options());  // [E, out], one transposing copy
-  bt.copy_(lora_b.t());
+template <typename S>
+void expand_tile(at::Tensor& y, int64_t t0, int64_t t1, int64_t n0, int64_t cols, int64_t k, const int64_t* ip,
+                 const S* up, const S* bt, int64_t N, bool avx) {
+  const int64_t ldy = y.stride(0);
 #if R1_HAVE_AVX512
-  if (cpu::has_avx512_bf16() && u.scalar_type() == at::kFloat && y.stride(1) == 1) {
-    if (y.scalar_type() == at::kFloat) return expand_sparse_avx512<float>(y, idx, u, bt);
-    if (y.scalar_type() == at::kBFloat16) return expand_sparse_avx512<c10::BFloat16>(y, idx, u, bt);
+  if constexpr (std::is_same_v<S, float>) {
+    if (avx && y.scalar_type() == at::kFloat) {
+      return expand_tile_avx512<float>(y.data_ptr<float>(), ldy, t0, t1, n0, cols, k, ip, up, bt, N);
+    }
+    if (avx) {
+      return expand_tile_avx512<c10::BFloat16>(y.data_ptr<c10::BFloat16>(), ldy, t0, t1, n0, cols, k, ip, up, bt, N);
+    }
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "rank1_expand", [&] {
-    if (u.scalar_type() == at::kDouble) {
-      expand_sparse_portable<scalar_t, double>(y, idx, u, bt);
-    } else {
-      expand_sparse_portable<scalar_t, float>(y, idx, u, bt);
-    }
+    expand_tile_portable<scalar_t, S>(y.data_ptr<scalar_t>(), ldy, t0, t1, n0, cols, k, ip, up, bt, N);
+  });
+}
+
+void expand_sparse_(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, const at::Tensor& lora_b) {
+  const int64_t Tn = y.size(0), N = y.size(1), k = idx.size(1);
+  if (Tn == 0) return;
+  TORCH_CHECK(y.stride(1) == 1 && idx.is_contiguous() && u.is_contiguous(), "rank1 expand: bad layout");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const bool avx = R1_HAVE_AVX512 && cpu::has_avx512_bf16() && u.scalar_type() == at::kFloat &&
+                   (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "rank1_expand_acc", [&] {
+    using S = scalar_t;
+    const at::Tensor btt = widen_bt<S>(lora_b, u.scalar_type());
+    const S* bt = btt.data_ptr<S>();
+    const S* up = u.data_ptr<S>();
+    at::parallel_for(0, (Tn + kTokBlock - 1) / kTokBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t t0 = blk * kTokBlock, t1 = std::min(Tn, t0 + kTokBlock);
+        for (int64_t n0 = 0; n0 < N; n0 += kSlab) expand_tile<S>(y, t0, t1, n0, std::min(kSlab, N - n0), k, ip, up, bt, N, avx);
+      }
+    });
   });
 }
 
@@ -221,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
   const auto gd = gate_dtype(x);
   at::Tensor act = T > 0 ? activations(x2, stacked_factors(lora_a, router, use_router))
                          : at::empty({0, use_router ? 2 * E : E}, x.options().dtype(gd));
-  const at::Tensor prob = router_probs(act, E, use_router);
+  at::Tensor prob = use_router ? at::empty({T, E}, act.options()) : at::Tensor();  // σ(z), filled by the epilogue
   at::Tensor idx = at::empty({T, top_k}, x.options().dtype(at::kLong));
   at::Tensor gates = at::empty({T, top_k}, x.options().dtype(gd));
   at::Tensor u = at::empty({T, top_k}, x.options().dtype(gd));
