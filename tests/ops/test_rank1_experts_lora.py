@@ -27,6 +27,7 @@ SHAPES = [
     ((17,), 33, 65, 8, 1),
     ((255,), 40, 70, 16, 3),
     ((2, 9), 65, 33, 64, 8),
+    ((2,), 40, 70, 32, 3),     # T·k < E: the CPU expand reads lora_b in place; bf16 ≤ 8 tokens: dot-product shrink
 ]
 GATES = ("router", "self")
 
@@ -318,6 +319,9 @@ def test_direct_op_call_checks_in_cpp():
 
 _NO_AMX_SCRIPT = """
 import torch
+from lowrank.ops import rank1_experts_lora
+from lowrank.reference import rank1_experts_lora as reference
+from tests.conftest import assert_grads_match_oracle
 from tests.ops.test_rank1_experts_lora import check_forward, make_inputs
 torch.manual_seed(0)
 for gate in ("router", "self"):
@@ -325,12 +329,19 @@ for gate in ("router", "self"):
         lead, in_, out, E, k = shape
         args, kw = make_inputs(lead, in_, out, E, torch.bfloat16, gate)
         check_forward(args, kw, k, "cpp", scaling=0.5)
+        full = args + ([kw["router"]] if gate == "router" else [])
+        leaves = [a.detach().requires_grad_(True) for a in full]
+        y = rank1_experts_lora(*leaves[:5], k, gate=gate, **({"router": leaves[5]} if gate == "router" else {}))[0]
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, g)
+        fn = lambda *a: reference(*a[:5], k, gate=gate, **({"router": a[5]} if gate == "router" else {}))[0]
+        assert_grads_match_oracle(grads, fn, full, g, list(range(len(full))))
 print("ok")
 """
 
 
 def test_bf16_without_amx_matches_reference():
-    """LOWRANK_DISABLE_AMX=1: the bf16 scores through the widened fp32 GEMM (CPUs without AMX)."""
+    """LOWRANK_DISABLE_AMX=1: bf16 scores through the widened fp32 GEMM and the ATen backward (CPUs without AMX)."""
     import os
     import subprocess
     import sys
