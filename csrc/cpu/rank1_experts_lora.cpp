@@ -8,8 +8,10 @@
 //             dW = Gᵀ·x.
 // Why this order: the k-of-E expand touches k rows of Bᵀ per token, so it costs T·k·out instead of the dense
 // masked form's T·E·out (8× less at E = 64, k = 8); it is a separate pass over y because oneDNN's K = E GEMM
-// would do all E. The shrink cannot be sparse (every score is needed for top-k), so it is one at::mm against
-// [A; R] (a view when the module keeps them in one buffer, else a copy of 2E·in elements). The backward's rank
+// would do all E. The shrink cannot be sparse (every score is needed for top-k), so it is one product against
+// [A; R] (a view when the module keeps them in one buffer, else a copy of 2E·in elements) with fp32 results (the
+// gating runs in fp32): at::mm for fp32/fp64, the AMX tile shrink for bf16, AVX512-BF16 dot products for ≤ 8
+// bf16 tokens, a widened fp32 GEMM elsewhere (fp16, CPUs without AMX). The backward's rank
 // products are dense GEMMs over [T, E] matrices that are zero outside the selected experts: exact zeros for the
 // other experts, at ATen's GEMM speed.
 #include <ATen/ATen.h>
@@ -307,7 +309,9 @@ void expand_sparse_(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, c
     at::parallel_for(0, (Tn + kTokBlock - 1) / kTokBlock, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t t0 = blk * kTokBlock, t1 = std::min(Tn, t0 + kTokBlock);
-        for (int64_t n0 = 0; n0 < N; n0 += kSlab) expand_tile<S>(y, t0, t1, n0, std::min(kSlab, N - n0), k, ip, up, bt, N, avx);
+        for (int64_t n0 = 0; n0 < N; n0 += kSlab) {
+          expand_tile<S>(y, t0, t1, n0, std::min(kSlab, N - n0), k, ip, up, bt, N, avx);
+        }
       }
     });
   });
@@ -350,7 +354,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
 // From act, idx, q = G·B [T, E] (S) and the returned gates' gradient: D = [dh | dz] [T, E or 2E] and
 // U [T, E] (u scattered), both in S.
 template <typename S>
-void gate_backward(const at::Tensor& act, const at::Tensor& prob, const at::Tensor& idx, const at::Tensor& q, const OptTensor& grad_gates,
+void gate_backward(const at::Tensor& act, const at::Tensor& prob, const at::Tensor& idx, const at::Tensor& q,
+                   const OptTensor& grad_gates,
                    int64_t E, bool router, double scaling, double temperature, std::optional<double> threshold,
                    at::Tensor& D, at::Tensor& U) {
   const int64_t T = act.size(0), k = idx.size(1), ld = act.size(1);
@@ -359,7 +364,9 @@ void gate_backward(const at::Tensor& act, const at::Tensor& prob, const at::Tens
   const int64_t* ip = idx.data_ptr<int64_t>();
   const S* qp = q.data_ptr<S>();
   at::Tensor gg;
-  if (grad_gates.has_value() && grad_gates->defined()) gg = grad_gates->reshape({T, k}).to(act.scalar_type()).contiguous();
+  if (grad_gates.has_value() && grad_gates->defined()) {
+    gg = grad_gates->reshape({T, k}).to(act.scalar_type()).contiguous();
+  }
   const S* ggp = gg.defined() ? gg.data_ptr<S>() : nullptr;
   S* dp = D.data_ptr<S>();
   S* Up = U.data_ptr<S>();
@@ -406,7 +413,8 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
     const at::Tensor a = act.to(gd).contiguous();
     const at::Tensor idx = indices.reshape({T, k}).contiguous();
     AT_DISPATCH_FLOATING_TYPES(gd, "rank1_gate_backward", [&] {
-      gate_backward<scalar_t>(a, router_probs(a, E, use_router), idx, q, grad_gates, E, use_router, scaling, temperature, threshold, D, U);
+      gate_backward<scalar_t>(a, router_probs(a, E, use_router), idx, q, grad_gates, E, use_router, scaling,
+                              temperature, threshold, D, U);
     });
   }
   if (need_d) {

@@ -5,4 +5,5 @@ from lowrank.reference.query_attention_mass import query_attention_mass
 from lowrank.reference.rank1_experts_lora import rank1_experts_lora, rank1_experts_lora_dense
 from lowrank.reference.rsvd import rsvd
 
-__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "rank1_experts_lora", "rank1_experts_lora_dense", "rsvd"]
+__all__ = ["gather_logits", "lora_linear", "query_attention_mass", "rank1_experts_lora", "rank1_experts_lora_dense",
+           "rsvd"]

@@ -38,7 +38,8 @@ def test_forward_parity(dtype, shape, gate):
     check_forward(args, kw, k, "triton", scaling=0.7)
 
 
-@pytest.mark.parametrize("gate,extra", [("self", {"temperature": 0.3, "threshold": 0.2}), ("router", {"threshold": 0.3})])
+@pytest.mark.parametrize("gate,extra", [("self", {"temperature": 0.3, "threshold": 0.2}),
+                                        ("router", {"threshold": 0.3})])
 def test_temperature_threshold(gate, extra):
     args, kw = _dev(*make_inputs((9,), 12, 10, 8, torch.float32, gate))
     check_forward(args, kw, 4, "triton", scaling=1.3, **extra)
