@@ -13,7 +13,10 @@ optimizer step: ``router_bias_e += rate·sign(mean count − count_e)`` pushes s
 without touching the gradients; the counters then restart.
 
 Layout: with gate "router", lora_a and router are the two row blocks of one [2E, in] buffer, so the kernel's
-shrink against [A; R] reads them in place (no per-call concatenation); ``.to()`` re-packs them.
+shrink against [A; R] reads them in place (no per-call concatenation). Packed layout (``pack``; default: exactly
+the bf16 modules): weight and lora_b are the column blocks of one [out, in + E] buffer, and the CPU kernel runs
+the layer as one GEMM [x | U]·[W | B]ᵀ (U: the gated activations scattered over the E columns) instead of a base
+GEMM plus a pass over y; the weight is then a copy, not shared with the Linear it came from. ``.to()`` re-packs.
 Threshold pruning (``threshold``) applies in eval mode only (it is an inference-time pruning of weak ranks).
 ``merged()`` is refused: routing depends on the input, so no single weight represents the layer.
 """
@@ -44,12 +47,13 @@ class Rank1ExpertsLinear(nn.Module):
         bias: whether the base layer has a bias.
         backend: backend of :func:`lowrank.ops.rank1_experts_lora`.
         freeze_base: base weight and bias get ``requires_grad=False`` (default).
+        pack: layout of weight and lora_b (module docstring): None = packed iff bf16; True / False = always / never.
     """
 
     def __init__(self, in_features: int, out_features: int, experts: int, top_k: int, *, gate: str = "router",
                  alpha: float | None = None, temperature: float = 1.0, threshold: float | None = None,
-                 bias: bool = True, backend: str = "auto", freeze_base: bool = True, device=None,
-                 dtype=None) -> None:
+                 bias: bool = True, backend: str = "auto", freeze_base: bool = True, pack: bool | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("experts", experts)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -67,6 +71,9 @@ class Rank1ExpertsLinear(nn.Module):
         self.in_features, self.out_features, self.experts, self.top_k = in_features, out_features, experts, top_k
         self.gate, self.alpha, self.temperature, self.threshold = gate, alpha, float(temperature), threshold
         self.backend = backend
+        if pack not in (None, True, False):
+            raise TypeError(f"Rank1ExpertsLinear: pack must be None, True or False, got {pack!r}")
+        self.pack = pack
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=not freeze_base)
         self.bias = (nn.Parameter(torch.empty(out_features, **kw), requires_grad=not freeze_base) if bias else None)
         self.lora_a = nn.Parameter(torch.empty(experts, in_features, **kw))
@@ -98,9 +105,28 @@ class Rank1ExpertsLinear(nn.Module):
         self.expert_counts.zero_()
         self._pack()
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether weight and lora_b are the column blocks of one [out, in + E] buffer."""
+        w, b, k, e = self.weight, self.lora_b, self.in_features, self.experts
+        return (w.dtype == b.dtype and w.device == b.device and w.stride() == (k + e, 1)
+                and b.stride() == (k + e, 1) and w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                and b.storage_offset() == w.storage_offset() + k)
+
     @torch.no_grad()
     def _pack(self) -> None:
-        """Put lora_a and router into one [2E, in] buffer (Parameter objects kept; ``.data`` re-pointed)."""
+        """Bring the storage in line with the layout (Parameter objects kept; ``.data`` re-pointed): [W | B] per
+        ``pack``, and lora_a / router in one [2E, in] buffer."""
+        w, b = self.weight, self.lora_b
+        want = self.pack if self.pack is not None else w.dtype == torch.bfloat16
+        if w.device.type != "meta" and w.dtype == b.dtype and w.device == b.device:
+            if want and not self.is_packed:
+                joint = torch.cat([w.detach(), b.detach()], dim=1)
+                self.weight.data = joint[:, :self.in_features]
+                self.lora_b.data = joint[:, self.in_features:]
+            elif not want and self.is_packed:
+                self.weight.data = w.detach().contiguous()
+                self.lora_b.data = b.detach().contiguous()
         a, r = self.lora_a, self.router
         if r is None or a.dtype != r.dtype or a.device != r.device or a.device.type == "meta":
             return
@@ -120,14 +146,17 @@ class Rank1ExpertsLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, experts: int, top_k: int, gate: str = "router", *,
                     alpha: float | None = None, temperature: float = 1.0, threshold: float | None = None,
-                    backend: str = "auto", freeze_base: bool = True) -> "Rank1ExpertsLinear":
-        """Wrap ``linear`` (weight and bias shared, not copied) with fresh experts (lora_b = 0: same outputs)."""
+                    backend: str = "auto", freeze_base: bool = True, pack: bool | None = None
+                    ) -> "Rank1ExpertsLinear":
+        """Wrap ``linear`` with fresh experts (lora_b = 0: same outputs). The bias is shared; the weight is shared
+        unless the module is packed (``pack``; by default for bf16), where it is copied and ``linear`` is left
+        untouched."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Rank1ExpertsLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, experts, top_k, gate=gate, alpha=alpha,
                 temperature=temperature, threshold=threshold, bias=linear.bias is not None, backend=backend,
-                freeze_base=freeze_base, device="meta", dtype=w.dtype)
+                freeze_base=freeze_base, pack=pack, device="meta", dtype=w.dtype)
         m.weight = nn.Parameter(w.detach(), requires_grad=not freeze_base)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach(), requires_grad=not freeze_base)

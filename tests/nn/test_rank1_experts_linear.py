@@ -39,6 +39,19 @@ def test_forward_matches_reference(gate, dtype):
     torch.testing.assert_close(y, ry, **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
 
 
+def test_packed_layout_policy():
+    lin = nn.Linear(24, 20, dtype=torch.bfloat16)
+    m = Rank1ExpertsLinear.from_linear(lin, 8, 3)
+    assert m.is_packed and m.weight.data_ptr() != lin.weight.data_ptr()
+    torch.testing.assert_close(m.weight, lin.weight, rtol=0, atol=0)
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)     # lora_b = 0: U·Bᵀ adds exact zeros
+    assert not m.to(torch.float32).is_packed
+    assert m.to(torch.bfloat16).is_packed
+    assert not Rank1ExpertsLinear.from_linear(nn.Linear(4, 4), 4, 2).is_packed
+    assert Rank1ExpertsLinear.from_linear(nn.Linear(4, 4), 4, 2, pack=True).is_packed
+
+
 def test_router_and_lora_a_share_one_buffer_after_to():
     _, m = _module()
     for mm in (m, m.to(torch.float64)):

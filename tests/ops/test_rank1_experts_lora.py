@@ -146,6 +146,33 @@ def test_backward_matches_reference(backend, dtype, shape, gate):
     assert_grads_match_oracle(grads, fn, full, g, wrt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [((3,), 17, 9, 4, 4), ((4,), 100, 50, 64, 8), ((7,), 33, 20, 8, 2), ((255,), 40, 70, 16, 3),
+                                   ((2, 9), 65, 33, 64, 8)], ids=str)
+@pytest.mark.parametrize("gate", GATES)
+def test_packed_layout(dtype, shape, gate):
+    """weight and lora_b as the column blocks of one [out, in + E] buffer (Rank1ExpertsLinear's bf16 layout: the CPU
+    kernel runs [x | U]·[W | B]ᵀ as one GEMM); forward and backward parity, inputs left as they were."""
+    lead, in_, out, E, k = shape
+    args, kw = make_inputs(lead, in_, out, E, dtype, gate, router_bias=gate == "router")
+    buf = torch.cat([args[1], args[4]], dim=1)
+    args[1], args[4] = buf[:, :in_], buf[:, in_:]
+    before = buf.clone()
+    check_forward(args, kw, k, "cpp", scaling=0.6)
+    full = args + ([kw["router"]] if gate == "router" else [])
+    leaves = [a.detach().requires_grad_(True) for a in full]
+    y = rank1_experts_lora(*leaves[:5], k, scaling=0.6, gate=gate,
+                           **({"router": leaves[5], "router_bias": kw["router_bias"]} if gate == "router" else {}))[0]
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+
+    def fn(*a):
+        extra = {"router": a[5], "router_bias": kw["router_bias"]} if gate == "router" else {}
+        return reference(*a[:5], k, scaling=0.6, gate=gate, **extra)[0]
+    assert_grads_match_oracle(grads, fn, full, g, list(range(len(full))))
+    assert torch.equal(buf, before)
+
+
 @pytest.mark.parametrize("gate", GATES)
 def test_gradients_touch_only_selected_experts(gate):
     args, kw = make_inputs((5,), 12, 7, 16, torch.float32, gate)
