@@ -60,6 +60,27 @@ TORCH_LIBRARY(lowrank, m) {
   m.def(
       "sparse_lowrank_linear_triton(Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, Tensor row_ptr, "
       "Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, Tensor? bias) -> Tensor");
+  // Mixture of rank-1 experts LoRA: y = x·Wᵀ + b + s·Σ_{e ∈ topk(t)} g_te·(a_e·x_t)·b_e, lora_a [E, in],
+  // lora_b [out, E], router [E, in] and router_bias [E] for gate "router", none for "self". Returns (y, indices
+  // [..., k] int64, gates [..., k] fp32 (fp64 for fp64), act): act = x·[A; R]ᵀ [T, E or 2E] in the gate dtype is
+  // kept for the backward (the Python wrapper does not return it).
+  m.set_python_module("lowrank.ops.rank1_experts_lora");
+  m.def(
+      "rank1_experts_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? router, "
+      "Tensor? router_bias, int top_k, float scaling, str gate, float temperature, float? threshold) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. (x, weight, lora_a, lora_b, router) under output_mask (None where false, and for router
+  // under gate "self"); grad_gates is the gradient of the returned gates (or None). Bias gradient: a row sum.
+  m.def(
+      "rank1_experts_lora_backward(Tensor grad_y, Tensor? grad_gates, Tensor x, Tensor weight, Tensor lora_a, "
+      "Tensor lora_b, Tensor? router, Tensor indices, Tensor act, float scaling, str gate, float temperature, "
+      "float? threshold, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The same forward run by the Triton kernels (lowrank/kernels/triton/rank1_experts_lora.py registers its CPU
+  // (interpreter) and CUDA implementations when triton is importable). Backward: rank1_experts_lora_backward.
+  m.def(
+      "rank1_experts_lora_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor? router, Tensor? router_bias, int top_k, float scaling, str gate, float temperature, "
+      "float? threshold) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -2,9 +2,10 @@
 from lowrank.nn.lora_linear import LoRALinear
 from lowrank.nn.low_rank_linear import LowRankLinear
 from lowrank.nn.multi_lora_linear import MultiLoRALinear, adapter_context, from_peft_multi
+from lowrank.nn.rank1_experts_linear import Rank1ExpertsLinear
 from lowrank.nn.peft import apply_lora, from_peft, load_peft_state_dict, save_peft_adapter, to_peft_state_dict
 from lowrank.nn.sparse_lowrank_linear import SparseAdapterLinear, SparseLowRankLinear
 
-__all__ = ["LoRALinear", "LowRankLinear", "MultiLoRALinear", "SparseAdapterLinear", "SparseLowRankLinear",
-           "adapter_context", "apply_lora", "from_peft", "from_peft_multi", "load_peft_state_dict",
-           "save_peft_adapter", "to_peft_state_dict"]
+__all__ = ["LoRALinear", "LowRankLinear", "MultiLoRALinear", "Rank1ExpertsLinear", "SparseAdapterLinear",
+           "SparseLowRankLinear", "adapter_context", "apply_lora", "from_peft", "from_peft_multi",
+           "load_peft_state_dict", "save_peft_adapter", "to_peft_state_dict"]
