@@ -15,6 +15,7 @@
 // fp16) or views its key head directly. Working memory per thread: nq·n + n·d scalars.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -30,7 +31,11 @@ void query_attention_mass_kernel(const at::Tensor& q, const at::Tensor& k, doubl
   const int64_t group = Hq / Hkv;
   const auto acc = out.scalar_type();
   const double neg_inf = -std::numeric_limits<double>::infinity();
+  // The tasks call ATen ops: OpenMP workers must see the caller's thread-local state (InferenceMode above all:
+  // writing into `out`, an inference tensor when the caller is in inference mode, is refused outside it).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard tls_guard(caller_state);
     at::Tensor scores = at::empty({nq, n}, out.options());
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;

@@ -135,3 +135,18 @@ def test_bad_input():
             query_attention_mass(q, k, backend="cuda")
     with pytest.raises(ValueError, match="must lie within"):            # the C++ op checks too
         torch.ops.lowrank.query_attention_mass(q, k, 1.0, 9)
+
+
+def test_cpp_under_inference_mode_with_threads():
+    # the kernel's worker threads run ATen ops: they must inherit InferenceMode (regression: the output, an
+    # inference tensor, was refused as an in-place target on every thread but the caller's)
+    q, k = torch.randn(1, 6, 5, 8), torch.randn(1, 3, 40, 8)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        with torch.inference_mode():
+            got = query_attention_mass(q, k, scale=0.3, offset=35, backend="cpp")
+    finally:
+        torch.set_num_threads(old)
+    want = reference(q.double(), k.double(), 0.3, 35)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
