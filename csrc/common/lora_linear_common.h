@@ -32,20 +32,11 @@ inline void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight
   TORCH_CHECK_VALUE(lora_a.size(1) == in, "lora_a must be [r, ", in, "], got ", lora_a.sizes());
   TORCH_CHECK_VALUE(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must be [", out, ", ", r, "], got ",
                     lora_b.sizes());
-  if (bias.has_value() && bias->defined()) {
-    LOWRANK_CHECK_SAME_DTYPE(*bias, x, "bias", "x");
-    LOWRANK_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "bias must be [", out, "], got ", bias->sizes());
-  }
+  check_linear_bias(bias, x, out);
 }
 
 inline void check_lora_linear_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight) {
-  const auto in = weight.size(1), out = weight.size(0);
-  LOWRANK_CHECK_SAME_DTYPE(grad_out, x, "grad_out", "x");
-  LOWRANK_CHECK_SAME_DEVICE(grad_out, x, "grad_out", "x");
-  TORCH_CHECK_VALUE(grad_out.dim() >= 1 && grad_out.size(-1) == out &&
-                        grad_out.numel() / std::max<int64_t>(out, 1) == x.numel() / std::max<int64_t>(in, 1),
-                    "grad_out has shape ", grad_out.sizes(), " for x of shape ", x.sizes());
+  check_linear_grad_out(grad_out, x, weight.size(1), weight.size(0));
 }
 
 using OptTensor = std::optional<at::Tensor>;

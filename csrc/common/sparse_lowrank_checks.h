@@ -42,19 +42,11 @@ inline void check_sparse_lowrank_args(const at::Tensor& x, const at::Tensor& lor
   check_index_tensor(col_ptr, in + 1, x, "col_ptr");
   check_index_tensor(row_idx, nnz, x, "row_idx");
   check_index_tensor(perm, nnz, x, "perm");
-  if (bias.has_value() && bias->defined()) {
-    LOWRANK_CHECK_SAME_DTYPE(*bias, x, "bias", "x");
-    LOWRANK_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "bias must be [", out, "], got ", bias->sizes());
-  }
+  check_linear_bias(bias, x, out);
 }
 
 inline void check_sparse_lowrank_grad(const at::Tensor& grad_out, const at::Tensor& x, int64_t in, int64_t out) {
-  LOWRANK_CHECK_SAME_DTYPE(grad_out, x, "grad_out", "x");
-  LOWRANK_CHECK_SAME_DEVICE(grad_out, x, "grad_out", "x");
-  TORCH_CHECK_VALUE(grad_out.dim() >= 1 && grad_out.size(-1) == out &&
-                        grad_out.numel() / std::max<int64_t>(out, 1) == x.numel() / std::max<int64_t>(in, 1),
-                    "grad_out has shape ", grad_out.sizes(), " for x of shape ", x.sizes(), " and out = ", out);
+  check_linear_grad_out(grad_out, x, in, out);
 }
 
 // Content of a compressed index on the CPU: ptr[0] = 0, non-decreasing, ptr[n] = nnz, idx in [0, bound).
