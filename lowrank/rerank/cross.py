@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from lowrank.rerank.data import BeirDataset, DataWarning
-from lowrank.rerank.embed import _candidate_ids, default_model_path
+from lowrank.rerank._loop import _candidate_ids, check_rerank_args, rerank_loop
+from lowrank.rerank.embed import default_model_path
 from lowrank.rerank.retrieve import Run
 
 __all__ = ["CrossEncoderReranker", "default_cross_encoder_dir"]
@@ -606,15 +607,15 @@ class CrossEncoderReranker:
         real tokens), plus its sorting; these sum to the call's time. ``per_query=True`` scores one query at a
         time instead, and ``latencies`` are then each query's own wall-clock seconds.
         """
-        if not isinstance(dataset, BeirDataset):
-            raise TypeError(f"dataset must be a BeirDataset, got {type(dataset).__name__}")
-        if not isinstance(candidates, Mapping):
-            raise TypeError(f"candidates must be a mapping qid -> ranked docs, got {type(candidates).__name__}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        unknown = [q for q in candidates if str(q) not in dataset.queries]
-        if unknown:
-            raise KeyError(f"candidates hold queries not in the dataset: {unknown[:5]}")
+        if per_query:
+            def score(qid: str, doc_ids: list[str]) -> list[float]:
+                scores, _ = self._score_pairs([dataset.queries[qid]] * len(doc_ids),
+                                              [dataset.corpus[d].full_text for d in doc_ids])
+                return scores.tolist()
+
+            self.latencies = {}
+            return rerank_loop(dataset, candidates, top_k, score, self.latencies, show_progress=show_progress)
+        check_rerank_args(dataset, candidates, top_k)
         run: Run = {q: [] for q in dataset.queries}
         self.latencies = {}
         per: dict[str, list[str]] = {}
@@ -630,24 +631,6 @@ class CrossEncoderReranker:
                     e.add_note(f"while reranking query {qid!r} of {dataset.name or 'the dataset'}")
                 raise
             per[qid] = doc_ids
-        if per_query:
-            items: Any = per.items()
-            if show_progress:
-                from tqdm.auto import tqdm
-
-                items = tqdm(items, desc="rerank", unit="query")
-            for qid, doc_ids in items:
-                t0 = time.perf_counter()
-                try:
-                    scores, _ = self._score_pairs([dataset.queries[qid]] * len(doc_ids),
-                                                  [dataset.corpus[d].full_text for d in doc_ids])
-                except Exception as e:
-                    if hasattr(e, "add_note"):
-                        e.add_note(f"while reranking query {qid!r} of {dataset.name or 'the dataset'}")
-                    raise
-                run[qid] = self._ranked(doc_ids, scores.tolist())
-                self.latencies[qid] = time.perf_counter() - t0
-            return run
         owners = [q for q, doc_ids in per.items() for _ in doc_ids]
         queries = [dataset.queries[q] for q in owners]
         docs = [dataset.corpus[d].full_text for doc_ids in per.values() for d in doc_ids]
