@@ -4,7 +4,7 @@
 // Packed layout (LoRALinear's default for bf16: W and B the column blocks of one [out, in + r] buffer,
 // cpu::joint_weight): on AVX512-BF16/AMX CPUs the bf16 layer is x'·[W | B]ᵀ with x' = [x | s·x·Aᵀ], one oneDNN
 // GEMM (≥ 17 tokens) or one AMX pass over the weights (4–16 tokens); backward takes g·[W | B] = [g·W | g·B]
-// and runs the rank-r reductions on tiles (see lora_linear_backward_cpu). Unpacked layouts, fp32 and fp64:
+// and then dx's rank-r add, dA and dB in one fused pass over token panels on tiles (see lora_linear_backward_cpu). Unpacked layouts, fp32 and fp64:
 // Order of work in the forward, and why: the base GEMM writes a fresh output once with the bias in its epilogue
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
@@ -103,8 +103,9 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   return y.view(out_shape);
 }
 
-// Same math as lora_linear_backward_aten; dx is a beta = 0 base GEMM followed by the register-tiled rank-r add,
-// as in the forward. The reductions over tokens (dA = gBᵀ·x, dB = gᵀ·h) and the base GEMMs stay with ATen.
+// Same math as lora_linear_backward_aten. bf16 on AMX: see below. Elsewhere dx is a beta = 0 base GEMM followed by
+// the register-tiled rank-r add, as in the forward; the reductions over tokens (dA = gBᵀ·x, dB = gᵀ·h) and the
+// base GEMMs stay with ATen.
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, double scaling, std::array<bool, 4> output_mask) {
@@ -125,18 +126,20 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
     if (wj.defined() && output_mask[0]) {
       // Joint layout: g·[W | B] = [g·W | g·B] in one product, so the rank-r shrink of g comes with dx's GEMM.
       // Up to 16 tokens that product is a pass over [W | B], on tiles as (gᵀ)ᵀ·[W | B] (oneDNN: ~2× longer).
-      const at::Tensor d = few ? cpu::tn_amx(g2.t(), wj, 1.0) : at::mm(g2, wj);
-      gb = at::mul(d.narrow(1, in, lora_a.size(0)).to(at::kFloat), scaling).contiguous();
-      at::Tensor out = at::empty({g2.size(0), in}, d.options());
-      cpu::expand_add_out(out, d.narrow(1, 0, in), gb, lora_a, std::nullopt);
-      dx = out.to(dtype).view(x.sizes());
-    } else {
-      if (output_mask[0] || output_mask[2]) gb = cpu::shrink_amx(g2, lora_b.t(), scaling);
-      if (output_mask[0]) {
-        at::Tensor d = at::mm(g2, weight);
-        cpu::expand_add_(d, gb, lora_a, std::nullopt);
-        dx = d.view(x.sizes());
-      }
+      // Everything else (dx's rank-r add, dA, dB and the h they need) is one fused pass over token blocks.
+      const at::Tensor d = few ? cpu::tn_amx(g2.t(), wj, 1.0).to(dtype) : at::mm(g2, wj);
+      at::Tensor dxt, dat, dbt;
+      cpu::lora_backward_tail_amx(d, x2, g2, lora_a, scaling, &dxt, output_mask[2] ? &dat : nullptr,
+                                  output_mask[3] ? &dbt : nullptr);
+      if (output_mask[1]) dw = at::mm(g2.t(), x2);
+      return {dxt.view(x.sizes()), dw, output_mask[2] ? OptTensor(dat) : OptTensor(),
+              output_mask[3] ? OptTensor(dbt) : OptTensor()};
+    }
+    if (output_mask[0] || output_mask[2]) gb = cpu::shrink_amx(g2, lora_b.t(), scaling);
+    if (output_mask[0]) {
+      at::Tensor d = at::mm(g2, weight);
+      cpu::expand_add_(d, gb, lora_a, std::nullopt);
+      dx = d.view(x.sizes());
     }
     if (output_mask[1]) dw = at::mm(g2.t(), x2);
     if (output_mask[2]) da = cpu::tn_amx(gb.to(dtype), x2, 1.0).to(dtype);

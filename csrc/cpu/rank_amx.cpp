@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
@@ -171,6 +172,202 @@ LOWRANK_AMX_BF16 void tn_panels(const bf16* z, int64_t ldz, int64_t T, int64_t K
       for (int64_t j = 0; j < cols; ++j) d[i * K + kb + j] = s * c[(j / 16) * 256 + i * 16 + j % 16];
   }
 }
+
+// A [r, K] → the VNNI B tiles of the expand gB·A: [CB = ⌈K/16⌉][RC = Rp/32][16 pairs][16 columns][2] bf16, zero
+// padded (Rp = r rounded up to 32, the k depth of one tile product).
+at::Tensor pack_expand(const at::Tensor& a, int64_t Rp) {
+  const int64_t r = a.size(0), K = a.size(1), CB = (K + 15) / 16, RC = Rp / 32;
+  at::Tensor out = at::zeros({CB, RC, 16, 16, 2}, a.options());
+  const bf16* A = a.const_data_ptr<bf16>();
+  bf16* O = out.mutable_data_ptr<bf16>();
+  const int64_t s0 = a.stride(0), s1 = a.stride(1);
+  for (int64_t k = 0; k < r; ++k) {
+    const int64_t rc = k / 32, p = (k % 32) / 2, e = k % 2;
+    for (int64_t i = 0; i < K; ++i) O[(((i / 16) * RC + rc) * 16 + p) * 32 + (i % 16) * 2 + e] = A[k * s0 + i * s1];
+  }
+  return out;
+}
+
+// Tokens per panel of the fused backward tail: 4 reduction steps of 32 tokens per load/store of the dA/dB
+// accumulators; a panel of x, g and d (≤ 128·(K + N + K + r)·2 bytes, ~600 KB at 768×768) stays in L2.
+constexpr int64_t kPanel = 128;
+
+struct TailArgs {
+  const bf16* d;  // [T, K + r] (row stride ldd): g·[W | B]
+  int64_t ldd;
+  const bf16* x;  // [T, K] (row stride ldx)
+  int64_t ldx;
+  const bf16* g;  // [T, N] (row stride ldg)
+  int64_t ldg;
+  int64_t T, K, N, r, G, Rp, P;
+  const bf16* a_shrink;  // pack_m(A): [G][P][16][2]
+  const bf16* a_expand;  // pack_expand(A, Rp)
+  float s;
+  bf16* dx;  // [T, K] contiguous, or null
+  bool want_da, want_db;
+};
+
+// Per-thread scratch of the tail (sizes in tail_scratch_elems).
+struct TailScratch {
+  bf16* xs;     // [32][Kp]: a partial 32-token block of x, zero padded (h's A tiles)
+  bf16* gbrow;  // [kPanel][Rp]: gB rows (the expand's A tiles)
+  bf16* gbt;    // [G·16][kPanel]: gBᵀ (dA's A tiles)
+  bf16* ht;     // [G·16][kPanel]: hᵀ (dB's A tiles)
+  bf16* bp;     // [4][2][16][32]: one 32-column block of a panel of Z in VNNI pairs (the reductions' B tiles)
+};
+
+inline __mmask32 cols_mask32(int64_t cols) {
+  return cols >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << cols) - 1u);
+}
+
+// acc[g][blk] += Mᵀ[g]·Z[panel rows, 32·blk : 32·blk + 32] for every 32-column block of Z (mt: [G·16][kPanel]
+// bf16, zero past the panel's rows and past r). The two C tiles of a block stay on the tile unit for the
+// panel's ≤ 4 steps of 32 tokens; acc holds them between panels.
+LOWRANK_AMX_BF16 void tail_reduce(const bf16* z, int64_t ldz, int64_t rows, int64_t cols_total, const bf16* mt,
+                                  int64_t G, float* acc, bf16* bp) {
+  const int64_t nb = (cols_total + 31) / 32, steps = (rows + 31) / 32;
+  constexpr int64_t ldm = kPanel * static_cast<int64_t>(sizeof(bf16));
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t kb = 32 * b;
+    const auto m = cols_mask32(cols_total - kb);
+    for (int64_t st = 0; st < steps; ++st)
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t t = 32 * st + 2 * p;
+        pair_rows(t < rows ? z + t * ldz + kb : nullptr, t + 1 < rows ? z + (t + 1) * ldz + kb : nullptr, m,
+                  bp + st * 1024 + p * 32, bp + st * 1024 + 512 + p * 32);
+      }
+    for (int64_t g = 0; g < G; ++g) {
+      float* c = acc + (g * nb + b) * 512;
+      _tile_loadd(0, c, 64);
+      _tile_loadd(1, c + 256, 64);
+      for (int64_t st = 0; st < steps; ++st) {
+        _tile_loadd(2, mt + g * 16 * kPanel + st * 32, ldm);
+        _tile_loadd(3, bp + st * 1024, 64);
+        _tile_loadd(4, bp + st * 1024 + 512, 64);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+      }
+      _tile_stored(0, c, 64);
+      _tile_stored(1, c + 256, 64);
+    }
+  }
+}
+
+// dx rows [t0, t0 + rows) (rows ≤ 16) = d[:, :K] + gB·A: the expand on tiles, four 16-column blocks in flight
+// (C tiles 0–3, one A tile of gB, B tiles alternating 5/6), then one AVX-512 pass adds d and rounds to bf16.
+LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const bf16* gbrow) {
+  alignas(64) float c[4][16][16];
+  const int64_t K = a.K, Rp = a.Rp, CB = (K + 15) / 16, RC = Rp / 32;
+  const int64_t lda = Rp * static_cast<int64_t>(sizeof(bf16));
+  for (int64_t cb = 0; cb < CB; cb += 4) {
+    const int64_t nc = std::min<int64_t>(4, CB - cb);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t rc = 0; rc < RC; ++rc) {
+      const bf16* bt = a.a_expand + (cb * RC + rc) * 512;
+      _tile_loadd(4, gbrow + rc * 32, lda);
+      _tile_loadd(5, bt, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (nc > 1) {
+        _tile_loadd(6, bt + RC * 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (nc > 2) {
+        _tile_loadd(5, bt + 2 * RC * 512, 64);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (nc > 3) {
+        _tile_loadd(6, bt + 3 * RC * 512, 64);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    if (nc > 1) _tile_stored(1, c[1], 64);
+    if (nc > 2) _tile_stored(2, c[2], 64);
+    if (nc > 3) _tile_stored(3, c[3], 64);
+    for (int64_t u = 0; u < nc; ++u) {
+      const int64_t col = (cb + u) * 16, cols = std::min<int64_t>(16, K - col);
+      const auto m = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+      for (int64_t t = 0; t < rows; ++t) {
+        const int64_t row = t0 + t;
+        const __m256i raw = _mm256_maskz_loadu_epi16(m, a.d + row * a.ldd + col);
+        const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)),
+                                       _mm512_load_ps(c[u][t]));
+        _mm256_mask_storeu_epi16(a.dx + row * K + col, m, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  }
+}
+
+// One panel of up to kPanel tokens of the fused backward tail (see lora_backward_tail_amx).
+LOWRANK_AMX_BF16 void tail_panel(const TailArgs& a, int64_t t0, float* acc_a, float* acc_b, const TailScratch& sc) {
+  alignas(64) float c[2][16][16];
+  const int64_t rows = std::min<int64_t>(kPanel, a.T - t0), steps = (rows + 31) / 32;
+  const int64_t K = a.K, r = a.r, Rp = a.Rp, G = a.G;
+  // gB = s·(g·B) for the panel, rounded to bf16 (an unfused bf16 layer holds it in bf16), in two layouts: token
+  // rows (the expand's A tiles) and rank rows (dA's A tiles, the reduction running over tokens).
+  {
+    const __m512 vs = _mm512_set1_ps(a.s);
+    const int64_t Gr = G * 16;
+    for (int64_t t = 0; t < steps * 32; ++t) {
+      uint16_t* row = reinterpret_cast<uint16_t*>(sc.gbrow + t * Rp);
+      for (int64_t j0 = 0; j0 < Rp; j0 += 16) {
+        const int64_t n = t < rows ? std::clamp<int64_t>(r - j0, 0, 16) : 0;
+        const auto m = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+        const __m256i raw = _mm256_maskz_loadu_epi16(m, a.d + (t0 + t) * a.ldd + K + j0);
+        const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)), vs);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j0), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+      uint16_t* col = reinterpret_cast<uint16_t*>(sc.gbt) + t;
+      for (int64_t j = 0; j < Gr; ++j) col[j * kPanel] = j < Rp ? row[j] : 0;
+    }
+  }
+  if (a.want_db) {
+    // h = s·x·Aᵀ (recomputed rather than saved by the forward: x is read here anyway), rounded to bf16; two
+    // 16-token C tiles share each B tile of packed A.
+    const int64_t chunks = a.P / 16, Kp = chunks * 32;
+    for (int64_t st = 0; st < steps; ++st) {
+      const int64_t s0 = t0 + 32 * st, srows = std::min<int64_t>(32, a.T - s0);
+      const bf16* xsrc = a.x + s0 * a.ldx;
+      int64_t ld = a.ldx;
+      if (!(K == Kp && srows == 32)) {
+        std::memset(sc.xs, 0, 32 * Kp * sizeof(bf16));
+        for (int64_t t = 0; t < srows; ++t) std::memcpy(sc.xs + t * Kp, a.x + (s0 + t) * a.ldx, K * sizeof(bf16));
+        xsrc = sc.xs;
+        ld = Kp;
+      }
+      const int64_t ldb = ld * static_cast<int64_t>(sizeof(bf16));
+      for (int64_t g = 0; g < G; ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t q = 0; q < chunks; ++q) {
+          _tile_loadd(4, a.a_shrink + g * a.P * 32 + q * 16 * 32, 64);
+          _tile_loadd(2, xsrc + q * 32, ldb);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_loadd(3, xsrc + 16 * ld + q * 32, ldb);
+          _tile_dpbf16ps(1, 3, 4);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        alignas(64) uint16_t hb[32][16];
+        const __m512 vs = _mm512_set1_ps(a.s);
+        for (int64_t t = 0; t < 32; ++t) {
+          const __m512 v = t < srows ? _mm512_mul_ps(_mm512_load_ps(c[t / 16][t % 16]), vs) : _mm512_setzero_ps();
+          _mm256_store_si256(reinterpret_cast<__m256i*>(hb[t]), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+        uint16_t* hg = reinterpret_cast<uint16_t*>(sc.ht) + g * 16 * kPanel + 32 * st;
+        for (int64_t j = 0; j < 16; ++j)
+          for (int64_t t = 0; t < 32; ++t) hg[j * kPanel + t] = hb[t][j];
+      }
+    }
+    tail_reduce(a.g + t0 * a.ldg, a.ldg, rows, a.N, sc.ht, G, acc_b, sc.bp);
+  }
+  if (a.want_da) tail_reduce(a.x + t0 * a.ldx, a.ldx, rows, K, sc.gbt, G, acc_a, sc.bp);
+  if (a.dx != nullptr)
+    for (int64_t t = 0; t < rows; t += 16) tail_dx(a, t0 + t, std::min<int64_t>(16, rows - t), sc.gbrow + t * Rp);
+}
 #endif  // LOWRANK_HAVE_RANK_AMX
 
 }  // namespace
@@ -253,6 +450,55 @@ at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale) {
   });
 #endif
   return d;
+}
+
+void lora_backward_tail_amx(const at::Tensor& d, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                            double scale, at::Tensor* dx, at::Tensor* da, at::Tensor* db) {
+  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
+  TORCH_CHECK(rank_amx_supported(x2, lora_a) && rank_amx_supported(g2, lora_a) && d.scalar_type() == at::kBFloat16 &&
+                  d.dim() == 2 && d.stride(1) == 1 && d.size(0) == T && d.size(1) == K + r && g2.size(0) == T &&
+                  lora_a.size(1) == K,
+              "lora_backward_tail_amx: unsupported arguments");
+  const int64_t G = (r + 15) / 16, Rp = (r + 31) / 32 * 32;
+  const int64_t nbx = (K + 31) / 32, nbn = (N + 31) / 32, npanel = (T + kPanel - 1) / kPanel;
+  const int nthreads = std::max(1, at::get_num_threads());
+  at::Tensor acc_a = da ? at::zeros({nthreads, G * nbx * 512}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor acc_b = db ? at::zeros({nthreads, G * nbn * 512}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  if (dx) *dx = at::empty({T, K}, x2.options());
+#if LOWRANK_HAVE_RANK_AMX
+  const at::Tensor ap_shrink = pack_m(lora_a);
+  const at::Tensor ap_expand = pack_expand(lora_a, Rp);
+  TailArgs a{d.const_data_ptr<bf16>(), d.stride(0), x2.const_data_ptr<bf16>(), x2.stride(0),
+             g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, r, G, Rp, ap_shrink.size(1),
+             ap_shrink.const_data_ptr<bf16>(), ap_expand.const_data_ptr<bf16>(), static_cast<float>(scale),
+             dx ? dx->mutable_data_ptr<bf16>() : nullptr, da != nullptr, db != nullptr};
+  const int64_t Kp = a.P / 16 * 32;
+  at::parallel_for(0, npanel, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = std::min(at::get_thread_num(), nthreads - 1);
+    TileConfig cfg;
+    load_full_config(cfg);
+    std::vector<bf16> xs(db ? 32 * Kp : 0), gbrow(kPanel * Rp), gbt(G * 16 * kPanel), ht(G * 16 * kPanel);
+    std::vector<bf16> bp(4 * 1024);
+    const TailScratch sc{xs.data(), gbrow.data(), gbt.data(), ht.data(), bp.data()};
+    float* pa = da ? acc_a.mutable_data_ptr<float>() + tid * acc_a.size(1) : nullptr;
+    float* pb = db ? acc_b.mutable_data_ptr<float>() + tid * acc_b.size(1) : nullptr;
+    for (int64_t b = b0; b < b1; ++b) tail_panel(a, b * kPanel, pa, pb, sc);
+    release_tiles();
+  });
+#endif
+  // The per-thread C tiles ([G][blocks][2][16][16] fp32) summed into row-major results.
+  auto gather = [&](const at::Tensor& acc, int64_t cols, int64_t nb) {
+    const at::Tensor sum = acc.sum(0);
+    const float* S = sum.const_data_ptr<float>();
+    at::Tensor out = at::empty({r, cols}, x2.options().dtype(at::kFloat));
+    float* O = out.mutable_data_ptr<float>();
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t i = 0; i < cols; ++i)
+        O[j * cols + i] = S[((j / 16) * nb + i / 32) * 512 + ((i % 32) / 16) * 256 + (j % 16) * 16 + i % 16];
+    return out;
+  };
+  if (da) *da = gather(acc_a, K, nbx).to(x2.scalar_type());
+  if (db) *db = gather(acc_b, N, nbn).t().to(x2.scalar_type()).contiguous();
 }
 
 }  // namespace lowrank::cpu

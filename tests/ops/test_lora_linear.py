@@ -85,9 +85,11 @@ def test_forward_joint_layout_matches_reference(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", JOINT_SHAPES[2:6] + [((65,), 100, 70, 40), ((2, 40), 64, 33, 16)], ids=str)
+@pytest.mark.parametrize("shape", JOINT_SHAPES[2:6] + [((65,), 100, 70, 40), ((2, 40), 64, 33, 16),
+                                                     ((129,), 96, 40, 64), ((3, 100), 255, 17, 33)], ids=str)
 def test_backward_joint_layout_matches_reference(dtype, shape):
-    """Also the bf16 AMX backward (rank-r products on tiles): token tails of 16/32, column tails, r > 16."""
+    """Also the bf16 AMX backward (after g·[W | B], one fused pass over 128-token panels): token tails of 16/32 and
+    of a panel (129 = 128 + 1), column tails, r > 16 (several 16-wide groups, r rounded up to 32)."""
     args = make_inputs(*shape, dtype, bias=True, joint=True) + [1.5]
     leaves = [a.detach().requires_grad_(True) for a in args[:5]] + [args[5]]
     y = lora_linear(*leaves, backend="cpp")
@@ -118,6 +120,20 @@ def test_backward_only_requested_grads(requires):
     lora_linear(*leaves, 0.5).sum().backward()
     for t, rq in zip(leaves, requires):
         assert (t.grad is not None) == rq
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False), (True, False, True, False),
+                                  (True, False, False, True), (True, True, True, True)], ids=str)
+def test_backward_joint_layout_output_mask(mask):
+    """The fused bf16 tail computes only what the mask asks for, and each gradient alone equals the full run's."""
+    x, w, _, a, bb = make_inputs((150,), 64, 80, 20, torch.bfloat16, joint=True)
+    g = torch.randn(150, 80, dtype=torch.bfloat16)
+    full = torch.ops.lowrank.lora_linear_backward(g, x, w, a, bb, 0.75, [True, True, True, True])
+    part = torch.ops.lowrank.lora_linear_backward(g, x, w, a, bb, 0.75, list(mask))
+    for want, got, m in zip(full, part, mask):
+        assert (got is not None) == m
+        if m:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_gradcheck_fp64():
