@@ -64,6 +64,8 @@ constexpr int64_t kFusedDecodeMaxT = 4;
 // 4096², bf16, against F.linear: 0.89× at 4 tokens (the decode pass: 0.97×), 0.91× at 8 (1.20×), 1.03× at 16;
 // at 1 token the decode pass is faster (0.59× vs 0.70×).
 constexpr int64_t kSkinnyMinT = 4;
+// Up to this many tokens the backward, too, is one pass over the weights on tiles (and its rank-r work is small).
+constexpr int64_t kSkinnyMaxT = 16;
 
 at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling) {
@@ -116,30 +118,34 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
   const at::Tensor g2 = grad_out.reshape({-1, out});
   const at::Tensor x2 = x.reshape({-1, in});
   OptTensor dx, dw, da, db;
-  // bf16 on AMX: the four rank-r products on the tile unit (oneDNN runs these N = 16 / M = 16 GEMMs at a few
-  // tens of GFLOP/s). dA and dB then take s·g·B and h rounded to bf16, as an unfused bf16 layer has them.
+  // (oneDNN runs the rank-r products, N = 16 / M = 16 GEMMs, at a few tens of GFLOP/s: hence the tiles.)
   const bool amx = dtype == at::kBFloat16 && cpu::rank_amx_supported(g2, lora_b) && cpu::rank_amx_supported(x2, lora_a);
-  at::Tensor gb;  // s·(g·B) in fp32 (fp64 for fp64) [T, r], shared by dx and dA
+  if (amx && g2.size(0) > kSkinnyMaxT) {
+    // bf16 on AMX: the base GEMM g·W writes dx, then one fused pass over token panels adds gB·A into it and forms
+    // dA and dB (cpu/rank_amx.cpp).
+    at::Tensor base, dat, dbt;
+    if (output_mask[0]) base = at::mm(g2, weight).contiguous();
+    cpu::lora_backward_tail_amx(output_mask[0] ? &base : nullptr, x2, g2, lora_a, lora_b, scaling,
+                                output_mask[2] ? &dat : nullptr, output_mask[3] ? &dbt : nullptr);
+    if (output_mask[1]) dw = at::mm(g2.t(), x2);
+    return {output_mask[0] ? OptTensor(base.view(x.sizes())) : OptTensor(), dw,
+            output_mask[2] ? OptTensor(dat) : OptTensor(), output_mask[3] ? OptTensor(dbt) : OptTensor()};
+  }
   if (amx) {
+    // Up to 16 tokens the step is one pass over the weights: g·[W | B] (joint layout: the shrink of g comes with
+    // it) or g·W on tiles as (gᵀ)ᵀ·W (oneDNN: ~2× longer); the rank-r products are separate small tile calls.
     const at::Tensor wj = cpu::joint_weight(weight, lora_b);
-    const bool few = g2.size(0) <= 16;
-    if (wj.defined() && output_mask[0]) {
-      // Joint layout: g·[W | B] = [g·W | g·B] in one product, so the rank-r shrink of g comes with dx's GEMM.
-      // Up to 16 tokens that product is a pass over [W | B], on tiles as (gᵀ)ᵀ·[W | B] (oneDNN: ~2× longer).
-      // Everything else (dx's rank-r add, dA, dB and the h they need) is one fused pass over token blocks.
-      const at::Tensor d = few ? cpu::tn_amx(g2.t(), wj, 1.0).to(dtype) : at::mm(g2, wj);
-      at::Tensor dxt, dat, dbt;
-      cpu::lora_backward_tail_amx(d, x2, g2, lora_a, scaling, &dxt, output_mask[2] ? &dat : nullptr,
-                                  output_mask[3] ? &dbt : nullptr);
-      if (output_mask[1]) dw = at::mm(g2.t(), x2);
-      return {dxt.view(x.sizes()), dw, output_mask[2] ? OptTensor(dat) : OptTensor(),
-              output_mask[3] ? OptTensor(dbt) : OptTensor()};
-    }
-    if (output_mask[0] || output_mask[2]) gb = cpu::shrink_amx(g2, lora_b.t(), scaling);
+    const at::Tensor wsrc = wj.defined() ? wj : weight;
+    at::Tensor gb;  // s·(g·B) [T, r] fp32
     if (output_mask[0]) {
-      at::Tensor d = at::mm(g2, weight);
-      cpu::expand_add_(d, gb, lora_a, std::nullopt);
-      dx = d.view(x.sizes());
+      const at::Tensor d = wsrc.stride(1) == 1 ? cpu::tn_amx(g2.t(), wsrc, 1.0) : at::mm(g2, wsrc).to(at::kFloat);
+      gb = wj.defined() ? at::mul(d.narrow(1, in, lora_a.size(0)), scaling).contiguous()
+                        : cpu::shrink_amx(g2, lora_b.t(), scaling);
+      at::Tensor out = at::empty({g2.size(0), in}, d.options());
+      cpu::expand_add_out(out, d.narrow(1, 0, in), gb, lora_a, std::nullopt);
+      dx = out.to(dtype).view(x.sizes());
+    } else if (output_mask[2]) {
+      gb = cpu::shrink_amx(g2, lora_b.t(), scaling);
     }
     if (output_mask[1]) dw = at::mm(g2.t(), x2);
     if (output_mask[2]) da = cpu::tn_amx(gb.to(dtype), x2, 1.0).to(dtype);
@@ -149,6 +155,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
     }
     return {dx, dw, da, db};
   }
+  at::Tensor gb;  // s·(g·B) in fp32 (fp64 for fp64) [T, r], shared by dx and dA
   if (output_mask[0] || output_mask[2]) gb = cpu::shrink(g2, lora_b.t(), scaling);
   if (output_mask[0]) {
     at::Tensor d = at::mm(g2, weight);

@@ -69,15 +69,17 @@ bool rank_amx_supported(const at::Tensor& z, const at::Tensor& m);
 at::Tensor shrink_amx(const at::Tensor& z, const at::Tensor& m, double scale);
 at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale);
 
-// The LoRA backward after its one big GEMM, fused on AMX tiles (bf16): given d = g·[W | B] [T, K + r] (any row
-// stride), x [T, K], g [T, N] and A [r, K] (unit column strides), with gB = s·d[:, K:] rounded to bf16,
-//   dx = d[:, :K] + gB·A  [T, K] bf16 (when dx),   dA = gBᵀ·x  [r, K] (when da),   dB = gᵀ·h  [N, r] (when db),
-// h = s·x·Aᵀ rounded to bf16 (recomputed from x). One pass over 128-token panels: each panel of x, g and d is read
-// once from memory and used by every product while it is in L2 (as separate calls: x twice, g twice, d once more
-// plus an fp32 gB round trip); the reductions over tokens keep their C tiles on the tile unit for a panel and in
-// per-thread fp32 accumulators between panels. Measured 2048×768², r = 16, one thread: 1.1 ms after the 2.0 ms
-// GEMM (the separate calls: 1.7 ms); the pass moves ~15 MB and is bound by this VM's ~15–30 GB/s.
-void lora_backward_tail_amx(const at::Tensor& d, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-                            double scale, at::Tensor* dx, at::Tensor* da, at::Tensor* db);
+// The LoRA backward after its one big GEMM, fused on AMX tiles (bf16). x [T, K], g [T, N] (unit column strides),
+// A [r, K], B [N, r] (any strides); with gB = s·g·B and h = s·x·Aᵀ, each rounded to bf16 (as an unfused bf16
+// layer holds them):
+//   dx += gB·A in place (dx: [T, K] bf16 contiguous holding g·W; null when not wanted),
+//   dA = gBᵀ·x [r, K] (when da),   dB = gᵀ·h [N, r] (when db).
+// One pass over 128-token panels: each panel of x, g and dx is read once from memory and used by every product
+// while it is in L2 (as separate calls, x and g are read twice each and dx once more, plus fp32 round trips of gB
+// and h); the reductions over tokens keep their C tiles on the tile unit for a panel and in per-thread fp32
+// accumulators between panels. Why g·W and not g·[W | B] from the joint buffer: the GEMM with N = K + r output
+// columns (784) ran 10–20% slower than with N = K (768), and gB costs only tile work here, g being read anyway.
+void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
 
 }  // namespace lowrank::cpu

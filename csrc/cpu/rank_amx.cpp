@@ -53,15 +53,21 @@ at::Tensor pack_m(const at::Tensor& m) {
   const bf16* M = m.const_data_ptr<bf16>();
   bf16* O = out.mutable_data_ptr<bf16>();
   const int64_t s0 = m.stride(0), s1 = m.stride(1);
-  // Walk M in its memory order (lora_b.t() from the joint buffer has s1 = in + r: row by row of B).
-  if (s1 == 1 || s0 < s1) {
+  // Walk M in its memory order: row by row when its columns are the unit stride (A), column by column when its
+  // rows are (lora_b.t(), s0 = 1: one row of B per k, where the joint buffer puts B's rows in + r apart).
+  if (s1 <= s0) {
     for (int64_t j = 0; j < r; ++j) {
       bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
       for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
     }
   } else {
-    for (int64_t k = 0; k < K; ++k)
+    // Each k is a row of B in its own cache line (and, for wide layers, its own page): prefetch rows ahead so
+    // that the misses overlap.
+    constexpr int64_t kAhead = 32;
+    for (int64_t k = 0; k < K; ++k) {
+      if (k + kAhead < K) __builtin_prefetch(M + (k + kAhead) * s1);
       for (int64_t j = 0; j < r; ++j) O[(j / 16) * P * 32 + (k / 2) * 32 + (j % 16) * 2 + (k % 2)] = M[j * s0 + k * s1];
+    }
   }
   return out;
 }
@@ -188,28 +194,37 @@ at::Tensor pack_expand(const at::Tensor& a, int64_t Rp) {
   return out;
 }
 
-// Tokens per panel of the fused backward tail: 4 reduction steps of 32 tokens per load/store of the dA/dB
-// accumulators; a panel of x, g and d (≤ 128·(K + N + K + r)·2 bytes, ~600 KB at 768×768) stays in L2.
+// Tokens per panel of the fused backward tail, at most: 4 reduction steps of 32 tokens per load/store of the dA/dB
+// accumulators. Fewer for long rows (panel_tokens), so that a panel of x, g and dx stays in L2.
 constexpr int64_t kPanel = 128;
+constexpr int64_t kPanelBytes = int64_t{1} << 20;
+
+int64_t panel_tokens(int64_t K, int64_t N) {
+  const int64_t fit = kPanelBytes / ((2 * K + N) * static_cast<int64_t>(sizeof(bf16)));
+  return std::clamp<int64_t>(fit / 32 * 32, 32, kPanel);
+}
 
 struct TailArgs {
-  const bf16* d;  // [T, K + r] (row stride ldd): g·[W | B]
-  int64_t ldd;
   const bf16* x;  // [T, K] (row stride ldx)
   int64_t ldx;
   const bf16* g;  // [T, N] (row stride ldg)
   int64_t ldg;
-  int64_t T, K, N, r, G, Rp, P;
-  const bf16* a_shrink;  // pack_m(A): [G][P][16][2]
+  int64_t T, K, N, r, G, Rp;
+  int64_t panel;         // tokens per panel (a multiple of 32, ≤ kPanel)
+  const bf16* a_shrink;  // pack_m(A): [G][Pa][16][2]
+  int64_t Pa;
+  const bf16* b_shrink;  // pack_m(Bᵀ): [G][Pb][16][2]
+  int64_t Pb;
   const bf16* a_expand;  // pack_expand(A, Rp)
   float s;
-  bf16* dx;  // [T, K] contiguous, or null
-  bool want_da, want_db;
+  bf16* dx;  // [T, K] contiguous, holding g·W on entry; null when dx is not wanted
+  bool want_gb, want_da, want_db;
 };
 
 // Per-thread scratch of the tail (sizes in tail_scratch_elems).
 struct TailScratch {
-  bf16* xs;     // [32][Kp]: a partial 32-token block of x, zero padded (h's A tiles)
+  bf16* xs;     // [32][Kp]: a 32-token block of x, zero padded, when it cannot be read in place (h's A tiles)
+  bf16* gs;     // [32][Np]: the same for g (gB's A tiles)
   bf16* gbrow;  // [kPanel][Rp]: gB rows (the expand's A tiles)
   bf16* gbt;    // [G·16][kPanel]: gBᵀ (dA's A tiles)
   bf16* ht;     // [G·16][kPanel]: hᵀ (dB's A tiles)
@@ -253,8 +268,9 @@ LOWRANK_AMX_BF16 void tail_reduce(const bf16* z, int64_t ldz, int64_t rows, int6
   }
 }
 
-// dx rows [t0, t0 + rows) (rows ≤ 16) = d[:, :K] + gB·A: the expand on tiles, four 16-column blocks in flight
-// (C tiles 0–3, one A tile of gB, B tiles alternating 5/6), then one AVX-512 pass adds d and rounds to bf16.
+// dx rows [t0, t0 + rows) (rows ≤ 16) += gB·A in place: the expand on tiles, four 16-column blocks in flight
+// (C tiles 0–3, one A tile of gB, B tiles alternating 5/6), then one AVX-512 pass adds it to dx (bf16, rounded
+// once from fp32).
 LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const bf16* gbrow) {
   alignas(64) float c[4][16][16];
   const int64_t K = a.K, Rp = a.Rp, CB = (K + 15) / 16, RC = Rp / 32;
@@ -292,7 +308,7 @@ LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const
       const auto m = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
       for (int64_t t = 0; t < rows; ++t) {
         const int64_t row = t0 + t;
-        const __m256i raw = _mm256_maskz_loadu_epi16(m, a.d + row * a.ldd + col);
+        const __m256i raw = _mm256_maskz_loadu_epi16(m, a.dx + row * K + col);
         const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)),
                                        _mm512_load_ps(c[u][t]));
         _mm256_mask_storeu_epi16(a.dx + row * K + col, m, (__m256i)_mm512_cvtneps_pbh(v));
@@ -301,72 +317,69 @@ LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const
   }
 }
 
+// One 32-token step of a rank-r shrink on tiles: s·Z·Mᵀ for rows [0, srows) of Z (row stride ldz, Kz columns;
+// read in place when whole 32-wide chunks of a full step lie inside Z, else through the zero-padded scratch),
+// M packed by pack_m ([G][P][16][2]), two 16-token C tiles sharing each B tile. The result is rounded to bf16
+// and written as token rows (rows_out [32][ldr], optional) and as rank rows (tr_out: [G·16] rows of kPanel
+// tokens, this step's 32 columns); rows past srows are zero.
+LOWRANK_AMX_BF16 void shrink_step(const bf16* z, int64_t ldz, int64_t Kz, int64_t srows, const bf16* mp, int64_t P,
+                                  int64_t G, float s, bf16* scratch, uint16_t* rows_out, int64_t ldr,
+                                  uint16_t* tr_out) {
+  alignas(64) float c[2][16][16];
+  alignas(64) uint16_t hb[32][16];
+  const int64_t chunks = P / 16, Kp = chunks * 32;
+  const bf16* src = z;
+  int64_t ld = ldz;
+  if (!(Kz == Kp && srows == 32)) {
+    std::memset(scratch, 0, 32 * Kp * sizeof(bf16));
+    for (int64_t t = 0; t < srows; ++t) std::memcpy(scratch + t * Kp, z + t * ldz, Kz * sizeof(bf16));
+    src = scratch;
+    ld = Kp;
+  }
+  const int64_t ldb = ld * static_cast<int64_t>(sizeof(bf16));
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t g = 0; g < G; ++g) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t q = 0; q < chunks; ++q) {
+      _tile_loadd(4, mp + g * P * 32 + q * 16 * 32, 64);
+      _tile_loadd(2, src + q * 32, ldb);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_loadd(3, src + 16 * ld + q * 32, ldb);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    for (int64_t t = 0; t < 32; ++t) {
+      const __m512 v = t < srows ? _mm512_mul_ps(_mm512_load_ps(c[t / 16][t % 16]), vs) : _mm512_setzero_ps();
+      _mm256_store_si256(reinterpret_cast<__m256i*>(hb[t]), (__m256i)_mm512_cvtneps_pbh(v));
+      if (rows_out != nullptr) std::memcpy(rows_out + t * ldr + g * 16, hb[t], 32);
+    }
+    for (int64_t j = 0; j < 16; ++j)
+      for (int64_t t = 0; t < 32; ++t) tr_out[(g * 16 + j) * kPanel + t] = hb[t][j];
+  }
+}
+
 // One panel of up to kPanel tokens of the fused backward tail (see lora_backward_tail_amx).
 LOWRANK_AMX_BF16 void tail_panel(const TailArgs& a, int64_t t0, float* acc_a, float* acc_b, const TailScratch& sc) {
-  alignas(64) float c[2][16][16];
-  const int64_t rows = std::min<int64_t>(kPanel, a.T - t0), steps = (rows + 31) / 32;
-  const int64_t K = a.K, r = a.r, Rp = a.Rp, G = a.G;
-  // gB = s·(g·B) for the panel, rounded to bf16 (an unfused bf16 layer holds it in bf16), in two layouts: token
-  // rows (the expand's A tiles) and rank rows (dA's A tiles, the reduction running over tokens).
-  {
-    const __m512 vs = _mm512_set1_ps(a.s);
-    const int64_t Gr = G * 16;
-    for (int64_t t = 0; t < steps * 32; ++t) {
-      uint16_t* row = reinterpret_cast<uint16_t*>(sc.gbrow + t * Rp);
-      for (int64_t j0 = 0; j0 < Rp; j0 += 16) {
-        const int64_t n = t < rows ? std::clamp<int64_t>(r - j0, 0, 16) : 0;
-        const auto m = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
-        const __m256i raw = _mm256_maskz_loadu_epi16(m, a.d + (t0 + t) * a.ldd + K + j0);
-        const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)), vs);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j0), (__m256i)_mm512_cvtneps_pbh(v));
-      }
-      uint16_t* col = reinterpret_cast<uint16_t*>(sc.gbt) + t;
-      for (int64_t j = 0; j < Gr; ++j) col[j * kPanel] = j < Rp ? row[j] : 0;
-    }
+  const int64_t rows = std::min<int64_t>(a.panel, a.T - t0), steps = (rows + 31) / 32;
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t s0 = t0 + 32 * st, srows = std::min<int64_t>(32, a.T - s0);
+    // gB = s·(g·B), rounded to bf16 as an unfused bf16 layer holds it, as token rows (the expand's A tiles) and
+    // rank rows (dA's A tiles: that reduction runs over tokens).
+    if (a.want_gb)
+      shrink_step(a.g + s0 * a.ldg, a.ldg, a.N, srows, a.b_shrink, a.Pb, a.G, a.s, sc.gs,
+                  reinterpret_cast<uint16_t*>(sc.gbrow) + 32 * st * a.Rp, a.Rp,
+                  reinterpret_cast<uint16_t*>(sc.gbt) + 32 * st);
+    // h = s·x·Aᵀ, recomputed rather than saved by the forward: x is read here anyway.
+    if (a.want_db)
+      shrink_step(a.x + s0 * a.ldx, a.ldx, a.K, srows, a.a_shrink, a.Pa, a.G, a.s, sc.xs, nullptr, 0,
+                  reinterpret_cast<uint16_t*>(sc.ht) + 32 * st);
   }
-  if (a.want_db) {
-    // h = s·x·Aᵀ (recomputed rather than saved by the forward: x is read here anyway), rounded to bf16; two
-    // 16-token C tiles share each B tile of packed A.
-    const int64_t chunks = a.P / 16, Kp = chunks * 32;
-    for (int64_t st = 0; st < steps; ++st) {
-      const int64_t s0 = t0 + 32 * st, srows = std::min<int64_t>(32, a.T - s0);
-      const bf16* xsrc = a.x + s0 * a.ldx;
-      int64_t ld = a.ldx;
-      if (!(K == Kp && srows == 32)) {
-        std::memset(sc.xs, 0, 32 * Kp * sizeof(bf16));
-        for (int64_t t = 0; t < srows; ++t) std::memcpy(sc.xs + t * Kp, a.x + (s0 + t) * a.ldx, K * sizeof(bf16));
-        xsrc = sc.xs;
-        ld = Kp;
-      }
-      const int64_t ldb = ld * static_cast<int64_t>(sizeof(bf16));
-      for (int64_t g = 0; g < G; ++g) {
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t q = 0; q < chunks; ++q) {
-          _tile_loadd(4, a.a_shrink + g * a.P * 32 + q * 16 * 32, 64);
-          _tile_loadd(2, xsrc + q * 32, ldb);
-          _tile_dpbf16ps(0, 2, 4);
-          _tile_loadd(3, xsrc + 16 * ld + q * 32, ldb);
-          _tile_dpbf16ps(1, 3, 4);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        alignas(64) uint16_t hb[32][16];
-        const __m512 vs = _mm512_set1_ps(a.s);
-        for (int64_t t = 0; t < 32; ++t) {
-          const __m512 v = t < srows ? _mm512_mul_ps(_mm512_load_ps(c[t / 16][t % 16]), vs) : _mm512_setzero_ps();
-          _mm256_store_si256(reinterpret_cast<__m256i*>(hb[t]), (__m256i)_mm512_cvtneps_pbh(v));
-        }
-        uint16_t* hg = reinterpret_cast<uint16_t*>(sc.ht) + g * 16 * kPanel + 32 * st;
-        for (int64_t j = 0; j < 16; ++j)
-          for (int64_t t = 0; t < 32; ++t) hg[j * kPanel + t] = hb[t][j];
-      }
-    }
-    tail_reduce(a.g + t0 * a.ldg, a.ldg, rows, a.N, sc.ht, G, acc_b, sc.bp);
-  }
-  if (a.want_da) tail_reduce(a.x + t0 * a.ldx, a.ldx, rows, K, sc.gbt, G, acc_a, sc.bp);
+  if (a.want_db) tail_reduce(a.g + t0 * a.ldg, a.ldg, rows, a.N, sc.ht, a.G, acc_b, sc.bp);
+  if (a.want_da) tail_reduce(a.x + t0 * a.ldx, a.ldx, rows, a.K, sc.gbt, a.G, acc_a, sc.bp);
   if (a.dx != nullptr)
-    for (int64_t t = 0; t < rows; t += 16) tail_dx(a, t0 + t, std::min<int64_t>(16, rows - t), sc.gbrow + t * Rp);
+    for (int64_t t = 0; t < rows; t += 16) tail_dx(a, t0 + t, std::min<int64_t>(16, rows - t), sc.gbrow + t * a.Rp);
 }
 #endif  // LOWRANK_HAVE_RANK_AMX
 
@@ -452,37 +465,40 @@ at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale) {
   return d;
 }
 
-void lora_backward_tail_amx(const at::Tensor& d, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-                            double scale, at::Tensor* dx, at::Tensor* da, at::Tensor* db) {
+void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
   const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
-  TORCH_CHECK(rank_amx_supported(x2, lora_a) && rank_amx_supported(g2, lora_a) && d.scalar_type() == at::kBFloat16 &&
-                  d.dim() == 2 && d.stride(1) == 1 && d.size(0) == T && d.size(1) == K + r && g2.size(0) == T &&
-                  lora_a.size(1) == K,
+  TORCH_CHECK(rank_amx_supported(x2, lora_a) && rank_amx_supported(g2, lora_b) && g2.size(0) == T &&
+                  lora_a.size(1) == K && lora_b.size(0) == N && lora_b.size(1) == r &&
+                  (dx == nullptr || (dx->scalar_type() == at::kBFloat16 && dx->is_contiguous() &&
+                                     dx->sizes() == x2.sizes())),
               "lora_backward_tail_amx: unsupported arguments");
   const int64_t G = (r + 15) / 16, Rp = (r + 31) / 32 * 32;
-  const int64_t nbx = (K + 31) / 32, nbn = (N + 31) / 32, npanel = (T + kPanel - 1) / kPanel;
+  const int64_t nbx = (K + 31) / 32, nbn = (N + 31) / 32;
   const int nthreads = std::max(1, at::get_num_threads());
   at::Tensor acc_a = da ? at::zeros({nthreads, G * nbx * 512}, x2.options().dtype(at::kFloat)) : at::Tensor();
   at::Tensor acc_b = db ? at::zeros({nthreads, G * nbn * 512}, x2.options().dtype(at::kFloat)) : at::Tensor();
-  if (dx) *dx = at::empty({T, K}, x2.options());
 #if LOWRANK_HAVE_RANK_AMX
-  const at::Tensor ap_shrink = pack_m(lora_a);
-  const at::Tensor ap_expand = pack_expand(lora_a, Rp);
-  TailArgs a{d.const_data_ptr<bf16>(), d.stride(0), x2.const_data_ptr<bf16>(), x2.stride(0),
-             g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, r, G, Rp, ap_shrink.size(1),
-             ap_shrink.const_data_ptr<bf16>(), ap_expand.const_data_ptr<bf16>(), static_cast<float>(scale),
-             dx ? dx->mutable_data_ptr<bf16>() : nullptr, da != nullptr, db != nullptr};
-  const int64_t Kp = a.P / 16 * 32;
+  const int64_t pt = panel_tokens(K, N), npanel = (T + pt - 1) / pt;
+  const bool want_gb = dx != nullptr || da != nullptr;
+  const at::Tensor a_shrink = pack_m(lora_a);
+  const at::Tensor b_shrink = want_gb ? pack_m(lora_b.t()) : a_shrink;
+  const at::Tensor a_expand = dx ? pack_expand(lora_a, Rp) : a_shrink;
+  TailArgs a{x2.const_data_ptr<bf16>(), x2.stride(0), g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, r, G, Rp, pt,
+             a_shrink.const_data_ptr<bf16>(), a_shrink.size(1), b_shrink.const_data_ptr<bf16>(), b_shrink.size(1),
+             a_expand.const_data_ptr<bf16>(), static_cast<float>(scale),
+             dx ? dx->mutable_data_ptr<bf16>() : nullptr, want_gb, da != nullptr, db != nullptr};
+  const int64_t Kp = a.Pa / 16 * 32, Np = b_shrink.size(1) / 16 * 32;
   at::parallel_for(0, npanel, 1, [&](int64_t b0, int64_t b1) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);
     TileConfig cfg;
     load_full_config(cfg);
-    std::vector<bf16> xs(db ? 32 * Kp : 0), gbrow(kPanel * Rp), gbt(G * 16 * kPanel), ht(G * 16 * kPanel);
-    std::vector<bf16> bp(4 * 1024);
-    const TailScratch sc{xs.data(), gbrow.data(), gbt.data(), ht.data(), bp.data()};
+    std::vector<bf16> xs(db ? 32 * Kp : 0), gs(want_gb ? 32 * Np : 0), gbrow(kPanel * Rp), gbt(G * 16 * kPanel),
+        ht(G * 16 * kPanel), bp(4 * 1024);
+    const TailScratch sc{xs.data(), gs.data(), gbrow.data(), gbt.data(), ht.data(), bp.data()};
     float* pa = da ? acc_a.mutable_data_ptr<float>() + tid * acc_a.size(1) : nullptr;
     float* pb = db ? acc_b.mutable_data_ptr<float>() + tid * acc_b.size(1) : nullptr;
-    for (int64_t b = b0; b < b1; ++b) tail_panel(a, b * kPanel, pa, pb, sc);
+    for (int64_t b = b0; b < b1; ++b) tail_panel(a, b * pt, pa, pb, sc);
     release_tiles();
   });
 #endif
