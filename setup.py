@@ -16,7 +16,7 @@ LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++20", "--threads=2",
               "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
-sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     ext = CUDAExtension("lowrank._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

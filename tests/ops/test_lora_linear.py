@@ -136,6 +136,32 @@ def test_backward_joint_layout_output_mask(mask):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_cpu_bf16(backend):
+    """Under torch.autocast("cpu", bf16) the op computes in bf16 like the F.linear it replaces (the op's autocast
+    rule casts fp32 weights and activations, a mixed bf16-activation/fp32-weight call is accepted), and the
+    gradients reach the fp32 leaves in fp32."""
+    args = make_inputs((33,), 40, 24, 8, torch.float32)
+    leaves = [a.detach().requires_grad_(True) for a in args]
+    x_bf16 = leaves[0].detach().to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(*leaves, 0.5, backend=backend)
+        y_mixed = lora_linear(x_bf16, *leaves[1:], 0.5, backend=backend)
+        want = reference(*[a.detach() for a in args], 0.5)
+    assert y.dtype == torch.bfloat16 and want.dtype == torch.bfloat16
+    torch.testing.assert_close(y_mixed, y, rtol=0, atol=0)
+    bf = [a.detach().to(torch.bfloat16) for a in args]
+    assert_matches_oracle(y, reference, bf + [0.5])
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+
+
+def test_autocast_keeps_fp64_refusing_mixes():
+    x, w, b, a, bb = make_inputs((3,), 4, 5, 2, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="weight"):
+        lora_linear(x, w.double(), b, a, bb, 0.5)
+
+
 def test_gradcheck_fp64():
     args = make_inputs((2, 3), 5, 4, 2, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: lora_linear(*a, 0.7), tuple(args))

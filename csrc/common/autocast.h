@@ -1,0 +1,41 @@
+// Autocast (torch.autocast) rules for the lowrank ops: the op runs in the autocast region's lower-precision dtype,
+// as ATen's own F.linear does (its "lower_precision_fp" policy): every eligible floating tensor argument (on the
+// region's device, not fp64) is cast with at::autocast::cached_cast, so frozen fp32 leaf weights are cast once per
+// region and reused, and gradients flow back through the casts to fp32 parameters. Tensors already in that dtype
+// pass through unchanged (LoRALinear's packed bf16 [W | B] views keep their layout). Non-tensor arguments and
+// integer tensors (indices, segment tables) are passed as they are.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <optional>
+
+namespace lowrank::autocast {
+
+inline at::Tensor cast(at::ScalarType dt, c10::DeviceType dev, const at::Tensor& t) {
+  return at::autocast::cached_cast(dt, t, dev);
+}
+inline std::optional<at::Tensor> cast(at::ScalarType dt, c10::DeviceType dev, const std::optional<at::Tensor>& t) {
+  return at::autocast::cached_cast(dt, t, dev);
+}
+template <class T>
+inline const T& cast(at::ScalarType, c10::DeviceType, const T& v) {
+  return v;
+}
+
+// The autocast kernel of op `name` (signature Sig) for device Dev: autocast off for the call, arguments cast.
+template <c10::DeviceType Dev, class Sig>
+struct Rule;
+
+template <c10::DeviceType Dev, class Ret, class... Args>
+struct Rule<Dev, Ret(Args...)> {
+  static Ret call(const c10::TypedOperatorHandle<Ret(Args...)>& op, Args... args) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(Dev));
+    const at::ScalarType dt = at::autocast::get_autocast_dtype(Dev);
+    return op.call(cast(dt, Dev, args)...);
+  }
+};
+
+}  // namespace lowrank::autocast
