@@ -16,7 +16,8 @@ at::Tensor lora_linear_autocast(const at::Tensor& x, const at::Tensor& weight, c
                                 const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::lora_linear", "").typed<LoraSig>();
-  return autocast::Rule<Dev, LoraSig>::call(op, x, weight, bias, lora_a, lora_b, scaling);
+  const autocast::Region<Dev> c;
+  return op.call(c(x), c(weight), c(bias), c(lora_a), c(lora_b), scaling);
 }
 
 template <c10::DeviceType Dev>
@@ -25,7 +26,8 @@ at::Tensor lora_linear_triton_autocast(const at::Tensor& x, const at::Tensor& we
                                        const at::Tensor& lora_b, double scaling) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::lora_linear_triton", "").typed<LoraSig>();
-  return autocast::Rule<Dev, LoraSig>::call(op, x, weight, bias, lora_a, lora_b, scaling);
+  const autocast::Region<Dev> c;
+  return op.call(c(x), c(weight), c(bias), c(lora_a), c(lora_b), scaling);
 }
 
 }  // namespace

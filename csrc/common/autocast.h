@@ -2,8 +2,8 @@
 // as ATen's own F.linear does (its "lower_precision_fp" policy): every eligible floating tensor argument (on the
 // region's device, not fp64) is cast with at::autocast::cached_cast, so frozen fp32 leaf weights are cast once per
 // region and reused, and gradients flow back through the casts to fp32 parameters. Tensors already in that dtype
-// pass through unchanged (LoRALinear's packed bf16 [W | B] views keep their layout). Non-tensor arguments and
-// integer tensors (indices, segment tables) are passed as they are.
+// pass through unchanged (LoRALinear's packed bf16 [W | B] views keep their layout). Integer tensors (indices,
+// segment tables) and fp64 tensors are never cast.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -25,16 +25,16 @@ inline const T& cast(at::ScalarType, c10::DeviceType, const T& v) {
   return v;
 }
 
-// The autocast kernel of op `name` (signature Sig) for device Dev: autocast off for the call, arguments cast.
-template <c10::DeviceType Dev, class Sig>
-struct Rule;
-
-template <c10::DeviceType Dev, class Ret, class... Args>
-struct Rule<Dev, Ret(Args...)> {
-  static Ret call(const c10::TypedOperatorHandle<Ret(Args...)>& op, Args... args) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(Dev));
-    const at::ScalarType dt = at::autocast::get_autocast_dtype(Dev);
-    return op.call(cast(dt, Dev, args)...);
+// Inside an op's autocast kernel: autocast is off for the rest of the scope (the op below runs on the casts), and
+// region(t) casts one argument. Each kernel names the arguments to cast: weights and activations, not the
+// per-adapter scaling or other small fp32/fp64 parameters whose precision the op relies on.
+template <c10::DeviceType Dev>
+struct Region {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{at::autocast::get_autocast_dispatch_key_from_device_type(Dev)};
+  at::ScalarType dtype = at::autocast::get_autocast_dtype(Dev);
+  template <class T>
+  decltype(auto) operator()(const T& v) const {
+    return cast(dtype, Dev, v);
   }
 };
 

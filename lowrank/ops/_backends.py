@@ -57,6 +57,17 @@ def _probe(probe: Callable[[str], tuple[str, ...]], device_type: str) -> tuple[s
     return tuple(probe(device_type))
 
 
+def autocast_dtypes(device_type: str) -> Callable[[torch.Tensor], torch.dtype]:
+    """``t -> the dtype the op's kernel sees for t``. Under ``torch.autocast`` on ``device_type`` the ops' autocast
+    rules (csrc/autocast/) cast fp32/bf16/fp16 tensors on that device to the region's dtype, as F.linear's rule
+    does; fp64 tensors and tensors on other devices are not cast. Outside autocast: ``t.dtype``."""
+    if not torch.is_autocast_enabled(device_type):
+        return lambda t: t.dtype
+    low = torch.get_autocast_dtype(device_type)
+    return lambda t: (low if t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                      and t.device.type == device_type else t.dtype)
+
+
 def select(op: str, table: Sequence[Backend], requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """Pick the backend that runs ``op`` for this device and dtype.
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
 from lowrank.reference import lora_linear as _reference
 
 __all__ = ["lora_linear", "BACKENDS"]
@@ -96,17 +96,6 @@ def _check_tensor(name: str, t, dim: int | None = None) -> None:
         raise ValueError(f"lora_linear: {name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
-def _autocast_dtypes(device_type: str):
-    """The dtype each tensor has when the op runs: under ``torch.autocast`` on this device the op's autocast rule
-    (csrc/autocast/lora_linear.cpp) casts fp32/bf16/fp16 tensors on that device to the region's dtype, as
-    F.linear's does; fp64 and other devices are left alone."""
-    if not torch.is_autocast_enabled(device_type):
-        return lambda t: t.dtype
-    low = torch.get_autocast_dtype(device_type)
-    return lambda t: (low if t.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                      and t.device.type == device_type else t.dtype)
-
-
 def _validate(x, weight, bias, lora_a, lora_b, scaling) -> None:
     _check_tensor("x", x)
     _check_tensor("weight", weight, 2)
@@ -121,7 +110,7 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling) -> None:
         named.append(("bias", bias))
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"lora_linear: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    eff = _autocast_dtypes(x.device.type)
+    eff = autocast_dtypes(x.device.type)
     for name, t in named[1:]:
         if eff(t) != eff(x):
             raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank.ops._backends import Backend, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
 from lowrank.reference import multi_lora_linear as _reference
 
 __all__ = ["AdapterSegments", "adapter_segments", "multi_lora_linear", "BACKENDS"]
@@ -198,8 +198,9 @@ def _validate(x, weight, bias, lora_a, lora_b) -> None:
         raise TypeError(f"multi_lora_linear: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)] + ([("bias", bias)] if bias is not None
                                                                           else [])
+    eff = autocast_dtypes(x.device.type)  # the dtypes the kernel sees (torch.autocast casts)
     for name, t in named:
-        if t.dtype != x.dtype:
+        if eff(t) != eff(x):
             raise TypeError(f"multi_lora_linear: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
                             "all tensors must share one dtype")
         if t.device != x.device:

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
 from lowrank.reference import rank1_experts_lora as _reference
 
 __all__ = ["rank1_experts_lora", "BACKENDS"]
@@ -175,8 +175,9 @@ def _validate(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bi
     elif router is not None or router_bias is not None:
         raise ValueError(f"{_OP}: gate='self' takes no router or router_bias (the scores are the rank "
                          "activations themselves)")
+    eff = autocast_dtypes(x.device.type)  # the dtypes the kernel sees (torch.autocast casts)
     for name, t in named:
-        if t.dtype != x.dtype:
+        if eff(t) != eff(x):
             raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors but "
                             "router_bias must share one dtype")
         if t.device != x.device:

@@ -370,3 +370,19 @@ def test_portable_and_avx512_paths_match_reference(switch):
     out = subprocess.run([sys.executable, "-c", _NO_AVX512_SCRIPT], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_autocast_cpu_bf16():
+    """Under torch.autocast("cpu", bf16) the op runs on bf16 casts of x, weight, bias and the factors (its
+    autocast rule, like F.linear's; the per-adapter scaling is not cast) and the gradients reach fp32 leaves."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(*s, generator=gen) for s in ((40, 24), (16, 24), (16,), (3, 4, 24), (3, 16, 4))]
+    ids = torch.randint(-1, 3, (40,), generator=gen)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = multi_lora_linear(*leaves, ids, [0.5, 1.0, 2.0])
+    want = multi_lora_linear(*[t.to(torch.bfloat16) for t in tensors], ids, [0.5, 1.0, 2.0])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)

@@ -378,3 +378,22 @@ def test_bf16_without_amx_matches_reference():
     out = subprocess.run([sys.executable, "-c", _NO_AMX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_autocast_cpu_bf16():
+    """Under torch.autocast("cpu", bf16) the op runs on bf16 casts of x, weight, bias, the factors and the router
+    (its autocast rule); the gates stay fp32 and the gradients reach fp32 leaves."""
+    gen = torch.Generator().manual_seed(6)
+    tensors = [torch.randn(*s, generator=gen) for s in ((40, 24), (16, 24), (16,), (8, 24), (16, 8), (8, 24))]
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+
+    def run(x, w, b, a, bb, r):
+        return rank1_experts_lora(x, w, b, a, bb, 2, scaling=0.5, router=r)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, idx, gates = run(*leaves)
+    want, want_idx, want_gates = run(*[t.to(torch.bfloat16) for t in tensors])
+    assert y.dtype == torch.bfloat16 and gates.dtype == torch.float32
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    assert torch.equal(idx, want_idx)
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)

@@ -289,3 +289,22 @@ def test_portable_cpu_paths():
     for isa, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and out.strip().endswith("ok"), f"{isa}: {err[-3000:]}"
+
+
+def test_autocast_cpu_bf16():
+    """Under torch.autocast("cpu", bf16) the op runs on bf16 casts of x, the factors, the sparse values and the bias
+    (its autocast rule; the int32 support is untouched) and the gradients reach fp32 leaves."""
+    gen = torch.Generator().manual_seed(7)
+    layout = SparseLayout.random(16, 24, 0.1, seed=0)
+    tensors = [torch.randn(*s, generator=gen) for s in ((40, 24), (4, 24), (16, 4), (layout.nnz,), (16,))]
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+
+    def run(x, a, bb, v, b):
+        return sparse_lowrank_linear(x, a, bb, v, layout, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(*leaves)
+    want = run(*[t.to(torch.bfloat16) for t in tensors])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
