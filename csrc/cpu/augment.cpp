@@ -9,20 +9,17 @@
 // 0.1 ms for the same shape on two cores; the AVX512-BF16 broadcast kernel below is the fallback elsewhere.
 #include "cpu/lowrank_kernels.h"
 #include "cpu/amx_tiles.h"
+#include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string_view>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #define LOWRANK_HAVE_AUGMENT_KERNELS 1
 #define LOWRANK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define LOWRANK_AMX_BF16 \
@@ -136,24 +133,8 @@ LOWRANK_AVX512_BF16 void avx_rows(const bf16* x, int64_t ldx, const bf16* ap, in
 
 }  // namespace
 
-// AMX needs the CPU feature and the kernel's permission to use the tile state (Linux ≥ 5.16 asks for it once
-// per process; oneDNN makes the same request, repeating it is harmless). LOWRANK_DISABLE_AMX=1 in the
-// environment (read once, at the first call) turns the tile kernels off, so that the AVX-512 paths the op takes
-// on CPUs without AMX can be run and tested here.
-bool has_amx_bf16() {
-#if LOWRANK_HAVE_AUGMENT_KERNELS
-  static const bool ok = [] {
-    const char* off = std::getenv("LOWRANK_DISABLE_AMX");
-    if (off != nullptr && std::string_view(off) == "1") return false;
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
+// AMX: the CPU feature, the OS's permission for the tile state, and LOWRANK_MAX_CPU_ISA (cpu/isa.h).
+bool has_amx_bf16() { return cpu_isa() >= CpuIsa::kAmx; }
 
 at::Tensor joint_weight(const at::Tensor& weight, const at::Tensor& lora_b) {
   if (weight.dim() != 2 || lora_b.dim() != 2 || weight.scalar_type() != lora_b.scalar_type() ||

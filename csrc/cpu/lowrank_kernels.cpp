@@ -1,5 +1,6 @@
 // See lowrank_kernels.h for what these compute and why.
 #include "cpu/lowrank_kernels.h"
+#include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -26,10 +27,7 @@ constexpr int kDecodeMaxT = 8;  // most tokens the decode kernel takes (see deco
 
 bool has_avx512_bf16() {
 #if LOWRANK_HAVE_AVX512_KERNELS
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu_isa() >= CpuIsa::kAvx512Bf16;
 #else
   return false;
 #endif

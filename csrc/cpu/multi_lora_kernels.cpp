@@ -22,12 +22,9 @@
 namespace lowrank::cpu {
 
 bool multi_lora_avx512() {
-  // has_amx_bf16() (used below for bf16) implies AVX512-BF16, so this switch turns the AMX paths off too.
-  static const bool ok = [] {
-    const char* off = std::getenv("LOWRANK_DISABLE_AVX512");
-    return has_avx512_bf16() && !(off != nullptr && std::strcmp(off, "1") == 0);
-  }();
-  return ok;
+  // has_amx_bf16() (used below for bf16) implies AVX512-BF16, so LOWRANK_MAX_CPU_ISA below avx512_bf16 turns the
+  // AMX paths off too.
+  return has_avx512_bf16();
 }
 
 std::vector<Segment> host_segments(const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& scaling,

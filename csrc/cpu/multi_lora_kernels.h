@@ -30,8 +30,8 @@ struct Segment {
 // Rows of the portable path's gather buffer (the "small block buffer": 128 rows of x at most).
 constexpr int64_t kSegBlock = 128;
 
-// Whether the AVX-512 kernels run: the CPU has AVX512-BF16 (CPUID) and LOWRANK_DISABLE_AVX512 is not "1" (a
-// test switch that makes this CPU take the path AVX2-only CPUs take; read once per process).
+// Whether the AVX-512 kernels run: cpu/isa.h's level is at least avx512_bf16 (CPUID, capped by
+// LOWRANK_MAX_CPU_ISA; =avx2 makes this CPU take the path AVX2-only CPUs take).
 bool multi_lora_avx512();
 
 // The non-empty segments (count ≥ 1, rank ≥ 1), after checking the metadata values: offsets non-decreasing

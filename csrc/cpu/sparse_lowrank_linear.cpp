@@ -30,6 +30,7 @@
 #include <tuple>
 
 #include "common/sparse_lowrank_checks.h"
+#include "cpu/isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -53,28 +54,15 @@
 namespace lowrank {
 namespace {
 
+using cpu::CpuIsa;
+
 enum class Isa { kBase, kAvx2, kAvx512 };
 
-// The widest instruction set this CPU runs, read once from CPUID. LOWRANK_SPARSE_ISA=avx2 or =base (read once,
-// at the first call) caps it, so that tests on an AVX-512 machine also run the paths AVX2-only and older CPUs
-// take (tests/ops/test_sparse_lowrank_linear.py); it can only lower the level, never raise it.
+// The widest of these kernels' instruction sets this CPU runs: cpu/isa.h's level (CPUID, capped by
+// LOWRANK_MAX_CPU_ISA, so that tests on an AVX-512 machine also run the AVX2 and portable paths).
 Isa cpu_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::kBase;
-#if SLR_X86
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
-      best = Isa::kAvx512;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      best = Isa::kAvx2;
-    }
-#endif
-    const char* cap = std::getenv("LOWRANK_SPARSE_ISA");
-    if (cap != nullptr && std::string(cap) == "base") return Isa::kBase;
-    if (cap != nullptr && std::string(cap) == "avx2") return std::min(best, Isa::kAvx2);
-    return best;
-  }();
-  return isa;
+  const CpuIsa level = lowrank::cpu::cpu_isa();
+  return level >= CpuIsa::kAvx512 ? Isa::kAvx512 : level >= CpuIsa::kAvx2 ? Isa::kAvx2 : Isa::kBase;
 }
 
 constexpr int64_t kRowTile = 16;  // rows gathered before the transposed add into the output

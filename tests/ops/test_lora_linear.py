@@ -348,15 +348,38 @@ print("ok")
 """
 
 
-def test_joint_layout_without_amx_matches_reference():
-    """LOWRANK_DISABLE_AMX=1: the packed bf16 layer on the AVX512-BF16 paths CPUs without AMX take (x' formed by
-    the broadcast-dot kernel, oneDNN GEMMs for every token count, ATen's rank-r backward)."""
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx2"])
+def test_joint_layout_without_amx_matches_reference(isa):
+    """LOWRANK_MAX_CPU_ISA=avx512_bf16: the packed bf16 layer on the AVX512-BF16 paths CPUs without AMX take (x'
+    formed by the broadcast-dot kernel, oneDNN GEMMs for every token count, ATen's rank-r backward); =avx2: the
+    ATen paths of AVX2-only CPUs."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "LOWRANK_DISABLE_AMX": "1"}
+    env = {**os.environ, "LOWRANK_MAX_CPU_ISA": isa}
     out = subprocess.run([sys.executable, "-c", _NO_AMX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("env, match", [({"LOWRANK_MAX_CPU_ISA": "sse9"}, "LOWRANK_MAX_CPU_ISA=sse9 is not a level"),
+                                        ({"LOWRANK_DISABLE_AMX": "1"}, "LOWRANK_DISABLE_AMX is no longer read")])
+def test_cpu_isa_switch_errors(env, match):
+    """A bad LOWRANK_MAX_CPU_ISA, or a retired per-kernel switch, fails the first kernel call with a ValueError
+    naming the valid levels instead of being ignored."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = ("import torch, lowrank\n"
+              "x = torch.randn(3, 4)\n"
+              "try:\n"
+              "    lowrank.ops.lora_linear(x, torch.randn(5, 4), None, torch.randn(2, 4), torch.randn(5, 2), 1.0)\n"
+              "except ValueError as e:\n"
+              "    print('ValueError:', e)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LOWRANK_")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                         env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert "ValueError:" in out.stdout and match in out.stdout, out.stdout + out.stderr[-2000:]

@@ -357,16 +357,16 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("switch", ["LOWRANK_DISABLE_AVX512", "LOWRANK_DISABLE_AMX"])
-def test_portable_and_avx512_paths_match_reference(switch):
-    """LOWRANK_DISABLE_AVX512=1: fp32 and bf16 on the ATen block-buffer path that AVX2-only CPUs take;
-    LOWRANK_DISABLE_AMX=1: bf16 on the AVX512-BF16 dot / FMA kernels that CPUs without AMX (AMD Zen 4) take."""
+@pytest.mark.parametrize("isa", ["avx2", "avx512_bf16"])
+def test_portable_and_avx512_paths_match_reference(isa):
+    """LOWRANK_MAX_CPU_ISA=avx2: fp32 and bf16 on the ATen block-buffer path that AVX2-only CPUs take;
+    =avx512_bf16: bf16 on the AVX512-BF16 dot / FMA kernels that CPUs without AMX (AMD Zen 4) take."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, switch: "1"}
+    env = {**os.environ, "LOWRANK_MAX_CPU_ISA": isa}
     out = subprocess.run([sys.executable, "-c", _NO_AVX512_SCRIPT], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -368,13 +368,13 @@ print("ok")
 
 
 def test_bf16_without_amx_matches_reference():
-    """LOWRANK_DISABLE_AMX=1: bf16 scores through the widened fp32 GEMM and the ATen backward (CPUs without AMX)."""
+    """LOWRANK_MAX_CPU_ISA=avx512_bf16: bf16 scores through the widened fp32 GEMM and the ATen backward (CPUs without AMX)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "LOWRANK_DISABLE_AMX": "1"}
+    env = {**os.environ, "LOWRANK_MAX_CPU_ISA": "avx512_bf16"}
     out = subprocess.run([sys.executable, "-c", _NO_AMX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

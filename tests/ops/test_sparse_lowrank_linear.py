@@ -6,7 +6,7 @@ under the conftest tolerance rule) covers float64/32/bf16, token counts 1, 3, 17
 several and padded token blocks), odd in/out, densities 0, tiny (a few entries), 1%, 5%, 50% and 100%, rank 1.
 fp16 on two shapes. Also opcheck, fp64 gradcheck, torch.compile(fullgraph=True) parity, bad input, a check
 that no dense [out, in] tensor is allocated in forward or backward, and the AVX2 / baseline C++ paths
-(LOWRANK_SPARSE_ISA) in subprocesses.
+(LOWRANK_MAX_CPU_ISA) in subprocesses.
 """
 import pytest
 import torch
@@ -274,7 +274,7 @@ print("ok")
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU instruction-set paths")
 def test_portable_cpu_paths():
-    """LOWRANK_SPARSE_ISA caps the C++ kernels at AVX2 (the AMD CI machines) or baseline x86-64 loops, so this
+    """LOWRANK_MAX_CPU_ISA caps the C++ kernels at AVX2 (the AMD CI machines) or baseline x86-64 loops, so this
     AVX-512 machine also checks the paths other CPUs take (subprocesses, both at once: the level is read once
     per process)."""
     import os
@@ -283,7 +283,7 @@ def test_portable_cpu_paths():
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
     procs = {isa: subprocess.Popen([sys.executable, "-c", _PORTABLE_SCRIPT], cwd=root, text=True,
-                                   env={**os.environ, "LOWRANK_SPARSE_ISA": isa, "OMP_NUM_THREADS": "1"},
+                                   env={**os.environ, "LOWRANK_MAX_CPU_ISA": isa, "OMP_NUM_THREADS": "1"},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for isa in ("avx2", "base")}
     for isa, proc in procs.items():
