@@ -113,8 +113,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backwar
   const auto segs = cpu::host_segments(perm, offsets, scaling, ranks, r, x2.size(0), &rows);
   const at::Tensor pm = perm.contiguous();
   OptTensor dx, dw, da, db;
+  // The fused pass costs a few packings per adapter: it pays for segments of tens of tokens and more (prefill,
+  // training); many small ones (decode, one token per adapter) stay with the batched segment kernels below.
+  constexpr int64_t kFusedMinTokensPerAdapter = 64;
   if (x2.scalar_type() == at::kBFloat16 && cpu::multi_lora_avx512() && cpu::rank_amx_supported(x2, lora_a[0]) &&
-      cpu::rank_amx_supported(g2, lora_b[0])) {
+      cpu::rank_amx_supported(g2, lora_b[0]) && !segs.empty() &&
+      rows >= kFusedMinTokensPerAdapter * static_cast<int64_t>(segs.size())) {
     // bf16 on AMX: dx = g·W from one GEMM over all tokens, then per adapter one fused pass over its tokens' rows
     // (cpu/rank_amx.cpp, the same pass as lora_linear's): gB, h, dA, dB and dx += gB·A in place, reading each
     // token's rows of x, g and dx once instead of three times.

@@ -124,6 +124,26 @@ def test_backward_matches_reference(dtype, shape, pattern):
     assert_grads_match_oracle(grads, reference, args, g, wrt)
 
 
+@pytest.mark.parametrize("order", ["sequences", "mixed"])
+def test_backward_bf16_large_segments(order):
+    """bf16 with ≥ 64 tokens per adapter: on AMX CPUs the backward's fused per-adapter pass (shared with
+    lora_linear), over whole sequences (consecutive rows, read in place) or scattered tokens (gathered), with
+    per-adapter ranks below the storage rank and tokens without adapter."""
+    x, w, b, a, bb, _, s = make_inputs((400,), 96, 80, 3, 20, torch.bfloat16)
+    if order == "sequences":
+        ids = torch.tensor([0, 2, -1, 1, 0, 1, 2, 0]).repeat_interleave(50)
+    else:
+        ids = torch.randint(-1, 3, (400,), generator=torch.Generator().manual_seed(3))
+    ranks = [20, 7, 16]
+    leaves = [t.detach().requires_grad_(True) for t in (x, w, b, a, bb)]
+    y = multi_lora_linear(*leaves, ids, s, ranks=ranks)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    ref = functools.partial(reference, ranks=ranks)
+    assert_grads_match_oracle(grads, ref, [x, w, b, a, bb, ids, s], g, [0, 1, 2, 3, 4])
+    assert torch.count_nonzero(grads[3][1, 7:]) == 0 and torch.count_nonzero(grads[4][1][:, 7:]) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_backward_ranks_and_absent_adapters(dtype):
     """Adapters no token uses, and the padding beyond each true rank, get exactly zero gradients."""
