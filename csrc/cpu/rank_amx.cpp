@@ -399,6 +399,28 @@ LOWRANK_AMX_BF16 void tail_panel(const TailArgs& a, int64_t t0, float* acc_a, fl
   if (a.dx != nullptr)
     for (int64_t t = 0; t < rows; t += 16) tail_dx(a, t0 + t, std::min<int64_t>(16, rows - t), sc.gbrow + t * a.Rp);
 }
+
+// Sum of nt per-thread accumulators of C tiles ([G][nb][2][16][16] fp32, `per` floats each) written as bf16 to
+// O[j·sj + i·si] for j < r, i < cols: 16 columns of one tile row at a time.
+LOWRANK_AMX_BF16 void gather_tiles(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, int64_t nb,
+                                   bf16* O, int64_t sj, int64_t si) {
+  alignas(64) uint16_t v16[16];
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t i0 = 0; i0 < cols; i0 += 16) {
+      const float* src = S + ((j / 16) * nb + i0 / 32) * 512 + ((i0 % 32) / 16) * 256 + (j % 16) * 16;
+      __m512 v = _mm512_load_ps(src);
+      for (int64_t t = 1; t < nt; ++t) v = _mm512_add_ps(v, _mm512_load_ps(src + t * per));
+      const int64_t n = std::min<int64_t>(16, cols - i0);
+      const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+      if (si == 1) {
+        _mm256_mask_storeu_epi16(O + j * sj + i0, static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u), b);
+      } else {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(v16), b);
+        uint16_t* dst = reinterpret_cast<uint16_t*>(O) + j * sj + i0 * si;
+        for (int64_t k = 0; k < n; ++k) dst[k * si] = v16[k];
+      }
+    }
+}
 #endif  // LOWRANK_HAVE_RANK_AMX
 
 }  // namespace
@@ -525,21 +547,15 @@ void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tens
   // The per-thread C tiles ([G][blocks][2][16][16] fp32) summed and written, rounded to x's dtype, into
   // out[j, i] (dA: [r, K]) or out[i, j] (dB: [N, r]); a tensor defined on entry is written in place.
   auto gather = [&](const at::Tensor& acc, int64_t cols, int64_t nb, at::Tensor* out, bool transposed) {
-    if (!out->defined()) *out = at::empty(transposed ? at::IntArrayRef{cols, r} : at::IntArrayRef{r, cols}, x2.options());
-    TORCH_CHECK(out->scalar_type() == at::kBFloat16 &&
-                    out->sizes() == (transposed ? at::IntArrayRef{cols, r} : at::IntArrayRef{r, cols}),
+    const auto shape = transposed ? std::vector<int64_t>{cols, r} : std::vector<int64_t>{r, cols};
+    if (!out->defined()) *out = at::empty(shape, x2.options());
+    TORCH_CHECK(out->scalar_type() == at::kBFloat16 && out->sizes() == at::IntArrayRef(shape),
                 "lora_backward_tail_amx: bad output");
-    const float* S = acc.const_data_ptr<float>();
-    const int64_t per = acc.size(1), nt = acc.size(0);
-    bf16* O = out->mutable_data_ptr<bf16>();
     const int64_t sj = transposed ? out->stride(1) : out->stride(0), si = transposed ? out->stride(0) : out->stride(1);
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t i = 0; i < cols; ++i) {
-        const int64_t at = ((j / 16) * nb + i / 32) * 512 + ((i % 32) / 16) * 256 + (j % 16) * 16 + i % 16;
-        float v = 0.f;
-        for (int64_t t = 0; t < nt; ++t) v += S[t * per + at];
-        O[j * sj + i * si] = bf16(v);
-      }
+#if LOWRANK_HAVE_RANK_AMX
+    gather_tiles(acc.const_data_ptr<float>(), acc.size(0), acc.size(1), r, cols, nb, out->mutable_data_ptr<bf16>(),
+                 sj, si);
+#endif
   };
   if (da) gather(acc_a, K, nbx, da, false);
   if (db) gather(acc_b, N, nbn, db, true);
