@@ -24,6 +24,11 @@ then linear decay to 0 at ``steps``); a checkpoint holds the fp32 adapter (PEFT'
 state and a JSON record (config, model identity, data fingerprint, step, data cursor). Same seed, same threads →
 the same adapter bit for bit; a run resumed from a checkpoint continues exactly as the uninterrupted one.
 
+In-tuning squeeze (``anneal_to``): the fp32 masters live in LoRALinear "shells" (factors only); a
+:class:`lowrank.compress.RankAnnealer` lowers their rank on its schedule after each optimizer step, projecting
+AdamW's moments, and the model's layers are re-factored from them. The schedule is a function of the step, so a
+resumed run anneals exactly as the uninterrupted one.
+
 Layout of ``out``::
 
     out/checkpoint-<step>/adapter_model.safetensors, adapter_config.json   (a PEFT adapter directory)
@@ -67,6 +72,9 @@ class TrainConfig:
     ``batch_size`` pairs; AdamW ``lr`` with ``warmup`` linear warm-up steps and linear decay to 0, ``weight_decay``;
     ``scale`` τ of the logits; ``max_query_length`` / ``max_doc_length`` tokens (incl. special tokens);
     ``negative_depth`` BM25 results the hard negatives come from; ``dtype`` "bfloat16" or "float32"; ``seed``.
+    ``anneal_to`` k: in-tuning LoRA-Squeeze (:class:`lowrank.compress.RankAnnealer`), the rank falls linearly from
+    r to k between steps ``anneal_start`` and ``anneal_end`` (default 25% / 75% of ``steps``), AdamW's moments
+    projected onto each new basis.
     """
 
     kind: str = "bi"
@@ -83,6 +91,9 @@ class TrainConfig:
     negative_depth: int = 30
     dtype: str = "bfloat16"
     seed: int = 0
+    anneal_to: int | None = None
+    anneal_start: int | None = None
+    anneal_end: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -107,6 +118,23 @@ class TrainConfig:
                              f"weight_decay={self.weight_decay}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.anneal_to is not None:
+            if isinstance(self.anneal_to, bool) or not isinstance(self.anneal_to, int) or \
+                    not 1 <= self.anneal_to < self.lora_rank:
+                raise ValueError(f"anneal_to must be an int in [1, lora_rank={self.lora_rank}), got {self.anneal_to!r}")
+            start, end = self.anneal_window
+            if not 0 <= start < end <= self.steps:
+                raise ValueError(f"the anneal window must satisfy 0 <= anneal_start < anneal_end <= steps={self.steps}, "
+                                 f"got [{start}, {end}]")
+        elif self.anneal_start is not None or self.anneal_end is not None:
+            raise ValueError("anneal_start / anneal_end need anneal_to")
+
+    @property
+    def anneal_window(self) -> tuple[int, int]:
+        """(start, end) steps of the linear rank schedule r -> anneal_to (default: 25% and 75% of ``steps``)."""
+        start = self.steps // 4 if self.anneal_start is None else self.anneal_start
+        end = max(start + 1, (3 * self.steps) // 4) if self.anneal_end is None else self.anneal_end
+        return start, end
 
     @property
     def alpha(self) -> float:
@@ -233,6 +261,76 @@ def _lora_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def _master_shells(layers: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An fp32 LoRALinear per layer holding the master factors (its base weight is an unused placeholder).
+
+    The optimizer (and RankAnnealer, which re-factors LoRALinear modules and projects AdamW's moments) acts on
+    these; the model's own factors are casts of them (:func:`_sync_model`).
+    """
+    from lowrank.nn.lora_linear import LoRALinear
+
+    shells = {}
+    for name, m in layers:
+        sh = LoRALinear(1, 1, m.r, m.alpha, bias=False, pack=False, dtype=torch.float32)
+        sh.in_features, sh.out_features = m.in_features, m.out_features
+        sh.weight = torch.nn.Parameter(torch.empty(m.out_features, 0), requires_grad=False)  # never used
+        sh.lora_a = torch.nn.Parameter(m.lora_a.detach().float().clone())
+        sh.lora_b = torch.nn.Parameter(m.lora_b.detach().float().clone())
+        shells[name] = sh
+    return shells
+
+
+def _masters(shells: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B} of the fp32 masters (PEFT key names)."""
+    out = {}
+    for name, sh in shells.items():
+        out[f"{name}.lora_A.weight"] = sh.lora_a
+        out[f"{name}.lora_B.weight"] = sh.lora_b
+    return out
+
+
+@torch.no_grad()
+def _sync_model(layers: list[tuple[str, Any]], shells: dict[str, Any]) -> None:
+    """Cast the masters into the model's factors (new Parameters where an anneal changed the rank)."""
+    from lowrank.compress.squeeze import set_lora_factors
+
+    for name, m in layers:
+        sh = shells[name]
+        if m.r != sh.r:
+            set_lora_factors(m, sh.lora_a, sh.lora_b)
+            m._sync_layout()  # back to the packed [W | B] buffer for bf16 (set_lora_factors makes B contiguous)
+        else:
+            m.lora_a.copy_(sh.lora_a)
+            m.lora_b.copy_(sh.lora_b)
+
+
+def _load_masters(shells: dict[str, Any], checkpoint: Path) -> None:
+    """Load a checkpoint's fp32 factors into the shells (re-factored to its rank where an anneal lowered it)."""
+    from safetensors.torch import load_file
+
+    from lowrank.compress.squeeze import set_lora_factors
+    from lowrank.nn.peft import ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
+
+    saved = load_file(str(checkpoint / ADAPTER_WEIGHTS_NAME))
+    want = {PEFT_PREFIX + k for k in _masters(shells)}
+    if set(saved) != want:
+        extra, missing = sorted(set(saved) - want), sorted(want - set(saved))
+        raise ValueError(f"checkpoint {checkpoint}: its adapter does not fit the model (unexpected keys "
+                         f"{extra[:3]}, missing keys {missing[:3]})")
+    for name, sh in shells.items():
+        a, b = saved[f"{PEFT_PREFIX}{name}.lora_A.weight"], saved[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+        k = a.shape[0]
+        if a.shape != (k, sh.in_features) or b.shape != (sh.out_features, k) or k > sh.r:
+            raise ValueError(f"checkpoint {checkpoint}: {name} has factors {tuple(a.shape)} / {tuple(b.shape)}, "
+                             f"not [k, {sh.in_features}] / [{sh.out_features}, k] with k <= {sh.r}")
+        if k != sh.r:
+            set_lora_factors(sh, a, b)
+        else:
+            with torch.no_grad():
+                sh.lora_a.copy_(a)
+                sh.lora_b.copy_(b)
+
+
 def _save_adapter(model: torch.nn.Module, masters: dict[str, torch.Tensor], directory: Path, base: Path) -> None:
     """A PEFT adapter directory holding the fp32 master factors (PEFT key names, see lowrank.nn.peft)."""
     from safetensors.torch import save_file
@@ -297,7 +395,7 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
         ValueError: a checkpoint in ``out`` without ``resume``; ``resume`` from a checkpoint of another model,
             config or data; ``resume`` with nothing to resume; a bad ``checkpoint_every``.
     """
-    from lowrank.nn import apply_lora, load_peft_state_dict
+    from lowrank.nn import apply_lora
 
     if not isinstance(data, TrainingData):
         raise TypeError(f"data must be a TrainingData, got {type(data).__name__}")
@@ -327,26 +425,21 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
     torch.manual_seed(config.seed)  # the LoRA A init (Kaiming-uniform) draws from the global generator
     apply_lora(net, lora_targets(net), r=config.lora_rank, alpha=config.alpha)
     layers = _lora_layers(net)
-    masters: dict[str, torch.Tensor] = {}
-    for name, m in layers:
-        for attr, key in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            masters[f"{name}.{key}.weight"] = getattr(m, attr).detach().float().clone().requires_grad_(True)
+    shells = _master_shells(layers)
     if found is not None:
-        from safetensors.torch import load_file
-
-        from lowrank.nn.peft import ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
-
-        saved = load_file(str(found / ADAPTER_WEIGHTS_NAME))
-        load_peft_state_dict(net, saved)  # checks every key and shape against the model
-        with torch.no_grad():
-            for k, v in masters.items():
-                v.copy_(saved[PEFT_PREFIX + k])
-    params = list(masters.values())
+        _load_masters(shells, found)
+    _sync_model(layers, shells)
+    params = [p for sh in shells.values() for p in (sh.lora_a, sh.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if found is not None:
         optimizer.load_state_dict(torch.load(found / OPTIMIZER_NAME, weights_only=True))
-    pairs_of = [(getattr(m, "lora_a"), masters[f"{n}.lora_A.weight"]) for n, m in layers] + \
-               [(getattr(m, "lora_b"), masters[f"{n}.lora_B.weight"]) for n, m in layers]
+    annealer = None
+    if config.anneal_to is not None:
+        from lowrank.compress.anneal import RankAnnealer, linear_schedule
+
+        annealer = RankAnnealer(shells, config.anneal_to, linear_schedule(config.lora_rank, config.anneal_to,
+                                                                          *config.anneal_window),
+                                optimizer=optimizer)
     net.train()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -372,21 +465,24 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
                                     config.scale)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss.item()} (lower lr or use dtype=float32)")
-            for lp, _ in pairs_of:
-                lp.grad = None
+            for _, m in layers:
+                m.lora_a.grad = m.lora_b.grad = None
             loss.backward()
             with torch.no_grad():
-                for lp, mp in pairs_of:
-                    if lp.grad is None:
-                        raise RuntimeError("a LoRA factor got no gradient: its layer is not on the embedding's path")
-                    mp.grad = lp.grad.float() if lp.grad.dtype != torch.float32 else lp.grad.clone()
+                for name, m in layers:
+                    sh = shells[name]
+                    for lp, mp in ((m.lora_a, sh.lora_a), (m.lora_b, sh.lora_b)):
+                        if lp.grad is None:
+                            raise RuntimeError(f"LoRA factor of {name} got no gradient: not on the embedding's path")
+                        mp.grad = lp.grad.float() if lp.grad.dtype != torch.float32 else lp.grad.clone()
                 for g in optimizer.param_groups:
                     g["lr"] = config.lr_at(step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                for lp, mp in pairs_of:
-                    lp.copy_(mp)
             step += 1
+            if annealer is not None:
+                annealer.step(step)  # a function of the completed step count: resumes exactly
+            _sync_model(layers, shells)
             n_tok = int(q_enc["attention_mask"].sum() + d_enc["attention_mask"].sum())
             tokens_total += n_tok
             dt = time.perf_counter() - t0
@@ -400,12 +496,12 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
             if on_step is not None:
                 on_step(step, losses[-1])
             if step % checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(out, step, net, masters, optimizer,
+                _save_checkpoint(out, step, net, _masters(shells), optimizer,
                                  {**record, "cursor": data.cursor(step, config.batch_size)}, path)
     except KeyboardInterrupt:
         # Every completed step is whole (its optimizer update applied): checkpoint it so --resume loses nothing.
         if step > start and (out / f"{CHECKPOINT_PREFIX}{step}").exists() is False:
-            _save_checkpoint(out, step, net, masters, optimizer,
+            _save_checkpoint(out, step, net, _masters(shells), optimizer,
                              {**record, "cursor": data.cursor(step, config.batch_size)}, path)
         raise
     finally:

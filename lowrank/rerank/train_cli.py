@@ -41,6 +41,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=d.dtype,
                    help="bfloat16: bf16 model with fp32 master LoRA factors (default); float32")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--anneal-to", type=int, default=None, metavar="K",
+                   help="in-tuning LoRA-Squeeze: anneal the rank linearly to K (RankAnnealer; AdamW moments projected)")
+    p.add_argument("--anneal-start", type=int, default=None, help="first step of the rank schedule (default 25%%)")
+    p.add_argument("--anneal-end", type=int, default=None, help="step where the rank reaches K (default 75%%)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--out", required=True, help="output directory (checkpoints, adapter/, train_log.jsonl)")
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(kind=args.kind, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, scale=args.scale,
                          max_query_length=args.max_query_length, max_doc_length=args.max_doc_length,
-                         negative_depth=args.negative_depth, dtype=args.dtype, seed=args.seed)
+                         negative_depth=args.negative_depth, dtype=args.dtype, seed=args.seed,
+                         anneal_to=args.anneal_to, anneal_start=args.anneal_start, anneal_end=args.anneal_end)
     data = load_training_data(args.data, args.split, seed=args.seed, negative_depth=args.negative_depth)
     print(f"{data.dataset}: {len(data.pairs)} (query, positive) pairs; {args.steps} steps of {args.batch_size} "
           f"= {args.steps * args.batch_size / len(data.pairs):.2f} epochs; torch threads {torch.get_num_threads()}",

@@ -218,3 +218,25 @@ def test_bad_inputs_give_clear_errors(collection, tiny_model, tmp_path, capsys):
     err = _cli(capsys, "--data", collection, *common, "--lr", 1e-3, "--resume", "--out", out)
     assert "another training config" in err and "lr" in err
     assert "not implemented" in _cli(capsys, "--data", collection, "--kind", "cross", "--steps", 1, "--out", out)
+
+
+def test_in_tuning_anneal_lowers_the_rank_and_resumes_exactly(data, tiny_model, tmp_path):
+    full = _train(data, tmp_path / "full", tiny_model, anneal_to=2, anneal_start=1, anneal_end=3, steps=5)
+    cfg = json.loads((full.adapter_dir / "adapter_config.json").read_text())
+    a = _adapter(full.adapter_dir)
+    assert cfg["r"] == 2 and all(v.shape[0] == 2 for k, v in a.items() if k.endswith("lora_A.weight"))
+
+    def interrupt(step, loss):
+        if step == 2:  # mid-schedule: the checkpoint holds rank-3 factors
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, tmp_path / "cut", tiny_model, anneal_to=2, anneal_start=1, anneal_end=3, steps=5,
+               on_step=interrupt)
+    mid = _adapter(tmp_path / "cut" / "checkpoint-2")
+    assert {v.shape[0] for k, v in mid.items() if k.endswith("lora_A.weight")} == {3}
+    resumed = _train(data, tmp_path / "cut", tiny_model, anneal_to=2, anneal_start=1, anneal_end=3, steps=5,
+                     resume=True)
+    assert resumed.losses == full.losses[2:]
+    assert _same(_adapter(resumed.adapter_dir), a)
+    with pytest.raises(ValueError, match="anneal_to must be"):
+        TrainConfig(lora_rank=4, anneal_to=4)
