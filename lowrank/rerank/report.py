@@ -105,13 +105,14 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str | None = None)
     pts = rows[1:]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, xlabel, scale in ((axes[0], "params", "parameters (millions)", 1e-6),
-                                   (axes[1], "docs_per_s", "docs/s (reranking, 1 thread)", 1.0)):
+                                   (axes[1], "docs_per_s", "docs/s (candidates reranked per second)", 1.0)):
         for r in pts:
             if r[key] is None:
                 continue
             ax.scatter(r[key] * scale, r["ndcg@10"], s=36)
             ax.annotate(r["run"], (r[key] * scale, r["ndcg@10"]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8)
+        ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
         ax.axhline(bm25["ndcg@10"], ls="--", color="gray", lw=1)
         ax.text(ax.get_xlim()[0], bm25["ndcg@10"], f" BM25 {bm25['ndcg@10']:.3f}", va="bottom", fontsize=8,
                 color="gray")
