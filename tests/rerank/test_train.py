@@ -240,3 +240,22 @@ def test_in_tuning_anneal_lowers_the_rank_and_resumes_exactly(data, tiny_model, 
     assert _same(_adapter(resumed.adapter_dir), a)
     with pytest.raises(ValueError, match="anneal_to must be"):
         TrainConfig(lora_rank=4, anneal_to=4)
+
+
+def test_init_adapter_starts_from_a_squeezed_adapter(data, tiny_model, tmp_path):
+    from lowrank.compress.squeeze_peft import squeeze_peft_adapter
+
+    first = _train(data, tmp_path / "r4", tiny_model, steps=2)
+    squeeze_peft_adapter(first.adapter_dir, tmp_path / "sq2", rank=2)
+    rec = train_bi_encoder(data, TrainConfig(**{**CFG, "lora_rank": 2, "steps": 2}), tmp_path / "rec",
+                           model=tiny_model, init_adapter=tmp_path / "sq2", progress=False)
+    start = _adapter(tmp_path / "sq2")
+    assert all(v.shape[0] == 2 for k, v in _adapter(rec.adapter_dir).items() if k.endswith("lora_A.weight"))
+    assert rec.losses[0] != first.losses[0]  # it did start from the squeezed factors, not a fresh init
+    assert not _same(_adapter(rec.adapter_dir), start)
+    with pytest.raises(ValueError, match="has rank 2, the config asks for 4"):
+        train_bi_encoder(data, TrainConfig(**{**CFG, "lora_rank": 4}), tmp_path / "bad",
+                         model=tiny_model, init_adapter=tmp_path / "sq2", progress=False)
+    with pytest.raises(ValueError, match="does not match lora_rank=2, alpha=4"):
+        train_bi_encoder(data, TrainConfig(**{**CFG, "lora_rank": 2, "lora_alpha": 4.0}), tmp_path / "bad2",
+                         model=tiny_model, init_adapter=tmp_path / "sq2", progress=False)
