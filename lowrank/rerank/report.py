@@ -103,24 +103,27 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str | None = None)
 
     bm25 = rows[0]
     pts = rows[1:]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     for ax, key, xlabel, scale in ((axes[0], "params", "parameters (millions)", 1e-6),
                                    (axes[1], "docs_per_s", "docs/s (candidates reranked per second)", 1.0)):
-        for r in pts:
+        for i, r in enumerate(pts):
             if r[key] is None:
                 continue
-            ax.scatter(r[key] * scale, r["ndcg@10"], s=36)
-            ax.annotate(r["run"], (r[key] * scale, r["ndcg@10"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
-        ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
+            # one colour and marker per run in both panels, named in the shared legend (labels next to the points
+            # overlap when runs sit close together)
+            ax.scatter(r[key] * scale, r["ndcg@10"], s=44, color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10],
+                       label=r["run"])
+        ax.margins(x=0.1, y=0.1)
         ax.axhline(bm25["ndcg@10"], ls="--", color="gray", lw=1)
         ax.text(ax.get_xlim()[0], bm25["ndcg@10"], f" BM25 {bm25['ndcg@10']:.3f}", va="bottom", fontsize=8,
                 color="gray")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("nDCG@10")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
     fig.suptitle(title or f"{bm25['data']} ({bm25['queries']} queries): BM25 top-100 reranked")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(pts) - 1) // 4), 1, 1))  # leave the bottom to the legend
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
