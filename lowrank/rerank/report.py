@@ -97,7 +97,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str | None = None)
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("--png needs matplotlib (pip install matplotlib)") from None
+        raise ValueError("--png needs matplotlib (pip install 'lowrank[report]' or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
