@@ -44,6 +44,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -392,8 +394,9 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
         init_adapter: start from this PEFT adapter directory's factors instead of a fresh init (e.g. a squeezed
             adapter, for a short recovery fine-tune at its rank); its rank must equal ``config.lora_rank``.
         resume: continue from the latest checkpoint in ``out``. Without it, ``out`` must hold no checkpoint.
-        checkpoint_every: save a checkpoint every this many steps (and always at the last step, and on
-            KeyboardInterrupt after the step that was running completes its optimizer update or is dropped).
+        checkpoint_every: save a checkpoint every this many steps, and always at the last step. Ctrl-C (SIGINT,
+            when called from the main thread) lets the running step finish, saves a checkpoint of the completed
+            steps and raises KeyboardInterrupt; ``resume=True`` then continues with the next step.
         progress: a tqdm bar with loss and tokens/s.
         on_step: called as ``on_step(step, loss)`` after each completed step (1-based step count).
 
@@ -479,8 +482,16 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
     tokens_total, t_start = 0, time.perf_counter()
     log = (out / "train_log.jsonl").open("a", encoding="utf-8")
     step = start
+    # Ctrl-C (SIGINT) is deferred to the next step boundary: a step interrupted between its optimizer update and its
+    # log line / anneal / checkpoint would otherwise be saved half-done and be repeated or skipped on resume.
+    interrupted: list[int] = []
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         while step < config.steps:
+            if interrupted:
+                raise KeyboardInterrupt
             t0 = time.perf_counter()
             batch = data.batch(step, config.batch_size)
             q_enc = tokenizer(batch.queries, truncation=True, max_length=config.max_query_length, padding=True,
@@ -526,12 +537,14 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
                 _save_checkpoint(out, step, net, _masters(shells), optimizer,
                                  {**record, "cursor": data.cursor(step, config.batch_size)}, path)
     except KeyboardInterrupt:
-        # Every completed step is whole (its optimizer update applied): checkpoint it so --resume loses nothing.
-        if step > start and (out / f"{CHECKPOINT_PREFIX}{step}").exists() is False:
+        # Raised only at a step boundary (see above): checkpoint the completed steps so --resume loses nothing.
+        if step > start and not (out / f"{CHECKPOINT_PREFIX}{step}").exists():
             _save_checkpoint(out, step, net, _masters(shells), optimizer,
                              {**record, "cursor": data.cursor(step, config.batch_size)}, path)
         raise
     finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
         log.close()
         if bar is not None:
             bar.close()
