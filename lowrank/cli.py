@@ -407,8 +407,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="skip the reranking-stack part (BM25 + MiniLM rerank of the shipped example collection)")
     from lowrank.compress import cli as compress_cli
     from lowrank.rerank import cli as rerank_cli
+    from lowrank.compress import squeeze_cli
+    from lowrank.rerank import report as report_cli
+    from lowrank.rerank import train_cli
     compress_cli.add_parser(sub)
     rerank_cli.add_parser(sub)
+    train_cli.add_parser(sub)
+    squeeze_cli.add_parser(sub)
+    report_cli.add_parser(sub)
     return parser
 
 
@@ -467,6 +473,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return compress_cli.run(args)
         except ValueError as e:
+            parser.error(str(e))
+    if args.command in ("train-reranker", "squeeze-adapter", "report"):
+        from lowrank.compress import squeeze_cli
+        from lowrank.rerank import report as report_cli
+        from lowrank.rerank import train_cli
+        runner = {"train-reranker": train_cli, "squeeze-adapter": squeeze_cli, "report": report_cli}[args.command]
+        try:
+            return runner.run(args)
+        except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse rejects unknown subcommands
     return 2

@@ -35,6 +35,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=100, help="BM25 candidates reranked per query (default 100)")
     p.add_argument("--queries", type=int, default=None, help="only the first N judged queries")
     p.add_argument("--lora", default=None, help="a PEFT LoRA adapter directory to load onto the reranker model")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="fold the --lora adapter into the base weights (W + s·B·A) before --compress / scoring")
     p.add_argument("--compress", type=float, default=None, metavar="BUDGET",
                    help="compress the reranker model's Linear layers to this parameter budget, in (0, 1]")
     p.add_argument("--fusion", choices=("none", "linear", "rrf"), default="none",
@@ -81,6 +83,18 @@ def apply_lora_adapter(module: Any, path: str) -> int:
     return sum(isinstance(m, LoRALinear) for m in module.modules())
 
 
+def merge_lora(module: Any) -> int:
+    """Replace every LoRALinear of ``module`` by its merged nn.Linear (W + s·B·A); returns how many."""
+    from lowrank.nn.lora_linear import LoRALinear
+
+    names = [n for n, m in module.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        setattr(owner, child, getattr(owner, child).merged())
+    return len(names)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = ["run", "nDCG@10", "R@100", "MRR@10", "docs/s", "p50 ms", "p95 ms"]
     lines = [head]
@@ -113,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if getattr(args, "merge_lora", False) and not args.lora:
+        raise ValueError("--merge-lora needs --lora")
+    args.merge_lora = getattr(args, "merge_lora", False)
     if args.reranker == "none" and (args.lora or args.compress is not None or args.model):
         raise ValueError("--model, --lora and --compress need a reranker (--reranker none was given)")
     progress = not args.no_progress and not args.json
@@ -135,12 +152,17 @@ def run(args: argparse.Namespace) -> int:
         module = _model_of(reranker)
         if args.lora:
             info["lora_layers"] = apply_lora_adapter(module, args.lora)
+        if args.merge_lora:
+            info["merged_lora_layers"] = merge_lora(module)
         if args.compress is not None:
             from lowrank.compress import compress_model
 
             report = compress_model(module, args.compress, progress=progress)
             info["compress"] = {"budget": args.compress, "params_before": report.params_before,
                                 "params_after": report.params_after}
+        info["params"] = sum(p.numel() for p in module.parameters())  # base (+ LoRA factors), after --compress
+        info["lora_params"] = sum(p.numel() for n, p in module.named_parameters() if n.rpartition(".")[2] in
+                                  ("lora_a", "lora_b"))
         t0 = time.perf_counter()
         reranked = reranker.rerank(ds, bm25, top_k=args.top_k, show_progress=progress)
         secs = time.perf_counter() - t0
