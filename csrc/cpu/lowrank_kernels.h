@@ -79,12 +79,9 @@ at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale);
 // and h); the reductions over tokens keep their C tiles on the tile unit for a panel and in per-thread fp32
 // accumulators between panels. Why g·W and not g·[W | B] from the joint buffer: the GEMM with N = K + r output
 // columns (784) ran 10–20% slower than with N = K (768), and gB costs only tile work here, g being read anyway.
-// da / db: written in place when they hold a defined bf16 tensor of the result's shape (any strides, e.g. one
-// adapter's slice of a stacked gradient), else set to a new one.
-// With rows (count entries, each in [0, T)): the pass runs over those rows of x, g and dx only, in that order
-// (one adapter's tokens of a multi-adapter batch; dA and dB are then that adapter's).
+// da / db: written in place when they hold a defined bf16 tensor of the result's shape (any strides), else set to
+// a new one.
 void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-                            const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db,
-                            const int64_t* rows = nullptr, int64_t count = 0);
+                            const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
 
 }  // namespace lowrank::cpu

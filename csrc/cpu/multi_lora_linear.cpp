@@ -113,33 +113,6 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backwar
   const auto segs = cpu::host_segments(perm, offsets, scaling, ranks, r, x2.size(0), &rows);
   const at::Tensor pm = perm.contiguous();
   OptTensor dx, dw, da, db;
-  // The fused pass costs a few packings per adapter: it pays for segments of tens of tokens and more (prefill,
-  // training); many small ones (decode, one token per adapter) stay with the batched segment kernels below.
-  constexpr int64_t kFusedMinTokensPerAdapter = 64;
-  if (x2.scalar_type() == at::kBFloat16 && cpu::multi_lora_avx512() && cpu::rank_amx_supported(x2, lora_a[0]) &&
-      cpu::rank_amx_supported(g2, lora_b[0]) && !segs.empty() &&
-      rows >= kFusedMinTokensPerAdapter * static_cast<int64_t>(segs.size())) {
-    // bf16 on AMX: dx = g·W from one GEMM over all tokens, then per adapter one fused pass over its tokens' rows
-    // (cpu/rank_amx.cpp, the same pass as lora_linear's): gB, h, dA, dB and dx += gB·A in place, reading each
-    // token's rows of x, g and dx once instead of three times.
-    at::Tensor d = output_mask[0] ? at::mm(g2, weight).contiguous() : at::Tensor();
-    at::Tensor dA = output_mask[2] ? at::zeros_like(lora_a, at::MemoryFormat::Contiguous) : at::Tensor();
-    at::Tensor dB = output_mask[3] ? at::zeros_like(lora_b, at::MemoryFormat::Contiguous) : at::Tensor();
-    const int64_t* p = pm.const_data_ptr<int64_t>();
-    for (const auto& sg : segs) {
-      // This adapter's slices of the stacked gradients, written in place.
-      at::Tensor da_s = output_mask[2] ? dA.select(0, sg.adapter).narrow(0, 0, sg.rank) : at::Tensor();
-      at::Tensor db_s = output_mask[3] ? dB.select(0, sg.adapter).narrow(1, 0, sg.rank) : at::Tensor();
-      cpu::lora_backward_tail_amx(output_mask[0] ? &d : nullptr, x2, g2,
-                                  lora_a.select(0, sg.adapter).narrow(0, 0, sg.rank),
-                                  lora_b.select(0, sg.adapter).narrow(1, 0, sg.rank), sg.scale,
-                                  output_mask[2] ? &da_s : nullptr, output_mask[3] ? &db_s : nullptr, p + sg.begin,
-                                  sg.end - sg.begin);
-    }
-    if (output_mask[1]) dw = at::mm(g2.t(), x2);
-    return {output_mask[0] ? OptTensor(d.view(x.sizes())) : OptTensor(), dw,
-            output_mask[2] ? OptTensor(dA) : OptTensor(), output_mask[3] ? OptTensor(dB) : OptTensor()};
-  }
   at::Tensor gb;  // s_a·g·B_a [rows, r] in the segment order, shared by dx and dA
   if ((output_mask[0] || output_mask[2]) && !segs.empty())
     gb = cpu::segment_shrink(g2, pm, segs, bt_rows(lora_b, segs), rows, r);

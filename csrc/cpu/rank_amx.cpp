@@ -219,10 +219,7 @@ struct TailArgs {
   float s;
   bf16* dx;  // [T, K] contiguous, holding g·W on entry; null when dx is not wanted
   bool want_gb, want_da, want_db;
-  const int64_t* idx;  // token t of the pass is row idx[t] of x, g and dx (null: row t)
 };
-
-inline int64_t row_of(const int64_t* idx, int64_t t) { return idx != nullptr ? idx[t] : t; }
 
 // Per-thread scratch of the tail (sizes in tail_scratch_elems).
 struct TailScratch {
@@ -238,12 +235,11 @@ inline __mmask32 cols_mask32(int64_t cols) {
   return cols >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << cols) - 1u);
 }
 
-// acc[g][blk] += Mᵀ[g]·Z[panel rows, 32·blk : 32·blk + 32] for every 32-column block of Z (row t of the panel is
-// row idx[t] of z, or row t when idx is null) (mt: [G·16][kPanel]
+// acc[g][blk] += Mᵀ[g]·Z[panel rows, 32·blk : 32·blk + 32] for every 32-column block of Z (mt: [G·16][kPanel]
 // bf16, zero past the panel's rows and past r). The two C tiles of a block stay on the tile unit for the
 // panel's ≤ 4 steps of 32 tokens; acc holds them between panels.
-LOWRANK_AMX_BF16 void tail_reduce(const bf16* z, int64_t ldz, const int64_t* idx, int64_t rows,
-                                  int64_t cols_total, const bf16* mt, int64_t G, float* acc, bf16* bp) {
+LOWRANK_AMX_BF16 void tail_reduce(const bf16* z, int64_t ldz, int64_t rows, int64_t cols_total, const bf16* mt,
+                                  int64_t G, float* acc, bf16* bp) {
   const int64_t nb = (cols_total + 31) / 32, steps = (rows + 31) / 32;
   constexpr int64_t ldm = kPanel * static_cast<int64_t>(sizeof(bf16));
   for (int64_t b = 0; b < nb; ++b) {
@@ -252,9 +248,8 @@ LOWRANK_AMX_BF16 void tail_reduce(const bf16* z, int64_t ldz, const int64_t* idx
     for (int64_t st = 0; st < steps; ++st)
       for (int64_t p = 0; p < 16; ++p) {
         const int64_t t = 32 * st + 2 * p;
-        pair_rows(t < rows ? z + row_of(idx, t) * ldz + kb : nullptr,
-                  t + 1 < rows ? z + row_of(idx, t + 1) * ldz + kb : nullptr, m, bp + st * 1024 + p * 32,
-                  bp + st * 1024 + 512 + p * 32);
+        pair_rows(t < rows ? z + t * ldz + kb : nullptr, t + 1 < rows ? z + (t + 1) * ldz + kb : nullptr, m,
+                  bp + st * 1024 + p * 32, bp + st * 1024 + 512 + p * 32);
       }
     for (int64_t g = 0; g < G; ++g) {
       float* c = acc + (g * nb + b) * 512;
@@ -312,7 +307,7 @@ LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const
       const int64_t col = (cb + u) * 16, cols = std::min<int64_t>(16, K - col);
       const auto m = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
       for (int64_t t = 0; t < rows; ++t) {
-        const int64_t row = row_of(a.idx, t0 + t);
+        const int64_t row = t0 + t;
         const __m256i raw = _mm256_maskz_loadu_epi16(m, a.dx + row * K + col);
         const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)),
                                        _mm512_load_ps(c[u][t]));
@@ -322,30 +317,22 @@ LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const
   }
 }
 
-// One 32-token step of a rank-r shrink on tiles: s·Z·Mᵀ for rows [0, srows) of Z (row stride ldz, Kz columns; row t
-// is idx[t] when idx is given; read in place when whole 32-wide chunks of a full step of consecutive rows lie
-// inside Z, else gathered into the zero-padded scratch),
+// One 32-token step of a rank-r shrink on tiles: s·Z·Mᵀ for rows [0, srows) of Z (row stride ldz, Kz columns;
+// read in place when whole 32-wide chunks of a full step lie inside Z, else through the zero-padded scratch),
 // M packed by pack_m ([G][P][16][2]), two 16-token C tiles sharing each B tile. The result is rounded to bf16
 // and written as token rows (rows_out [32][ldr], optional) and as rank rows (tr_out: [G·16] rows of kPanel
 // tokens, this step's 32 columns); rows past srows are zero.
-LOWRANK_AMX_BF16 void shrink_step(const bf16* z, int64_t ldz, const int64_t* idx, int64_t Kz, int64_t srows,
-                                  const bf16* mp, int64_t P, int64_t G, float s, bf16* scratch, uint16_t* rows_out,
-                                  int64_t ldr, uint16_t* tr_out) {
+LOWRANK_AMX_BF16 void shrink_step(const bf16* z, int64_t ldz, int64_t Kz, int64_t srows, const bf16* mp, int64_t P,
+                                  int64_t G, float s, bf16* scratch, uint16_t* rows_out, int64_t ldr,
+                                  uint16_t* tr_out) {
   alignas(64) float c[2][16][16];
   alignas(64) uint16_t hb[32][16];
   const int64_t chunks = P / 16, Kp = chunks * 32;
-  // Gathered rows that happen to be consecutive (a multi-adapter batch gives each adapter whole sequences) are
-  // read in place like the ungathered ones.
-  bool run = idx == nullptr;
-  if (!run && srows == 32) {
-    run = true;
-    for (int64_t t = 1; t < 32 && run; ++t) run = idx[t] == idx[0] + t;
-  }
-  const bf16* src = z + (idx != nullptr ? idx[0] : 0) * ldz;
+  const bf16* src = z;
   int64_t ld = ldz;
-  if (!(Kz == Kp && srows == 32 && run)) {
-    if (Kz != Kp || srows < 32) std::memset(scratch, 0, 32 * Kp * sizeof(bf16));
-    for (int64_t t = 0; t < srows; ++t) std::memcpy(scratch + t * Kp, z + row_of(idx, t) * ldz, Kz * sizeof(bf16));
+  if (!(Kz == Kp && srows == 32)) {
+    std::memset(scratch, 0, 32 * Kp * sizeof(bf16));
+    for (int64_t t = 0; t < srows; ++t) std::memcpy(scratch + t * Kp, z + t * ldz, Kz * sizeof(bf16));
     src = scratch;
     ld = Kp;
   }
@@ -376,26 +363,21 @@ LOWRANK_AMX_BF16 void shrink_step(const bf16* z, int64_t ldz, const int64_t* idx
 // One panel of up to kPanel tokens of the fused backward tail (see lora_backward_tail_amx).
 LOWRANK_AMX_BF16 void tail_panel(const TailArgs& a, int64_t t0, float* acc_a, float* acc_b, const TailScratch& sc) {
   const int64_t rows = std::min<int64_t>(a.panel, a.T - t0), steps = (rows + 31) / 32;
-  const int64_t* idx = a.idx;
   for (int64_t st = 0; st < steps; ++st) {
     const int64_t s0 = t0 + 32 * st, srows = std::min<int64_t>(32, a.T - s0);
     // gB = s·(g·B), rounded to bf16 as an unfused bf16 layer holds it, as token rows (the expand's A tiles) and
     // rank rows (dA's A tiles: that reduction runs over tokens).
     if (a.want_gb)
-      shrink_step(idx ? a.g : a.g + s0 * a.ldg, a.ldg, idx ? idx + s0 : nullptr, a.N, srows, a.b_shrink, a.Pb,
-                  a.G, a.s, sc.gs,
+      shrink_step(a.g + s0 * a.ldg, a.ldg, a.N, srows, a.b_shrink, a.Pb, a.G, a.s, sc.gs,
                   reinterpret_cast<uint16_t*>(sc.gbrow) + 32 * st * a.Rp, a.Rp,
                   reinterpret_cast<uint16_t*>(sc.gbt) + 32 * st);
     // h = s·x·Aᵀ, recomputed rather than saved by the forward: x is read here anyway.
     if (a.want_db)
-      shrink_step(idx ? a.x : a.x + s0 * a.ldx, a.ldx, idx ? idx + s0 : nullptr, a.K, srows, a.a_shrink, a.Pa,
-                  a.G, a.s, sc.xs, nullptr, 0,
+      shrink_step(a.x + s0 * a.ldx, a.ldx, a.K, srows, a.a_shrink, a.Pa, a.G, a.s, sc.xs, nullptr, 0,
                   reinterpret_cast<uint16_t*>(sc.ht) + 32 * st);
   }
-  if (a.want_db)
-    tail_reduce(idx ? a.g : a.g + t0 * a.ldg, a.ldg, idx ? idx + t0 : nullptr, rows, a.N, sc.ht, a.G, acc_b, sc.bp);
-  if (a.want_da)
-    tail_reduce(idx ? a.x : a.x + t0 * a.ldx, a.ldx, idx ? idx + t0 : nullptr, rows, a.K, sc.gbt, a.G, acc_a, sc.bp);
+  if (a.want_db) tail_reduce(a.g + t0 * a.ldg, a.ldg, rows, a.N, sc.ht, a.G, acc_b, sc.bp);
+  if (a.want_da) tail_reduce(a.x + t0 * a.ldx, a.ldx, rows, a.K, sc.gbt, a.G, acc_a, sc.bp);
   if (a.dx != nullptr)
     for (int64_t t = 0; t < rows; t += 16) tail_dx(a, t0 + t, std::min<int64_t>(16, rows - t), sc.gbrow + t * a.Rp);
 }
@@ -506,11 +488,9 @@ at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale) {
 }
 
 void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-                            const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db,
-                            const int64_t* rows, int64_t count) {
-  const int64_t T = rows != nullptr ? count : x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
-  TORCH_CHECK(rank_amx_supported(x2, lora_a) && rank_amx_supported(g2, lora_b) && g2.size(0) == x2.size(0) &&
-                  T >= 1 &&
+                            const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
+  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
+  TORCH_CHECK(rank_amx_supported(x2, lora_a) && rank_amx_supported(g2, lora_b) && g2.size(0) == T &&
                   lora_a.size(1) == K && lora_b.size(0) == N && lora_b.size(1) == r &&
                   (dx == nullptr || (dx->scalar_type() == at::kBFloat16 && dx->is_contiguous() &&
                                      dx->sizes() == x2.sizes())),
@@ -529,7 +509,7 @@ void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tens
   TailArgs a{x2.const_data_ptr<bf16>(), x2.stride(0), g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, r, G, Rp, pt,
              a_shrink.const_data_ptr<bf16>(), a_shrink.size(1), b_shrink.const_data_ptr<bf16>(), b_shrink.size(1),
              a_expand.const_data_ptr<bf16>(), static_cast<float>(scale),
-             dx ? dx->mutable_data_ptr<bf16>() : nullptr, want_gb, da != nullptr, db != nullptr, rows};
+             dx ? dx->mutable_data_ptr<bf16>() : nullptr, want_gb, da != nullptr, db != nullptr};
   const int64_t Kp = a.Pa / 16 * 32, Np = b_shrink.size(1) / 16 * 32;
   at::parallel_for(0, npanel, 1, [&](int64_t b0, int64_t b1) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);

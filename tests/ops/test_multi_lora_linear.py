@@ -126,9 +126,8 @@ def test_backward_matches_reference(dtype, shape, pattern):
 
 @pytest.mark.parametrize("order", ["sequences", "mixed"])
 def test_backward_bf16_large_segments(order):
-    """bf16 with ≥ 64 tokens per adapter: on AMX CPUs the backward's fused per-adapter pass (shared with
-    lora_linear), over whole sequences (consecutive rows, read in place) or scattered tokens (gathered), with
-    per-adapter ranks below the storage rank and tokens without adapter."""
+    """bf16 with hundreds of tokens per adapter (several 16/32-row tile blocks per segment), over whole sequences
+    or scattered tokens, with per-adapter ranks below the storage rank and tokens without adapter."""
     x, w, b, a, bb, _, s = make_inputs((400,), 96, 80, 3, 20, torch.bfloat16)
     if order == "sequences":
         ids = torch.tensor([0, 2, -1, 1, 0, 1, 2, 0]).repeat_interleave(50)
