@@ -3,8 +3,9 @@
 //   backward: gB = s·(g·B);  dx = g·W + gB·A;  dW = gᵀ·x;  dA = gBᵀ·x;  dB = gᵀ·(s·x·Aᵀ)
 // Packed layout (LoRALinear's default for bf16: W and B the column blocks of one [out, in + r] buffer,
 // cpu::joint_weight): on AVX512-BF16/AMX CPUs the bf16 layer is x'·[W | B]ᵀ with x' = [x | s·x·Aᵀ], one oneDNN
-// GEMM (≥ 17 tokens) or one AMX pass over the weights (4–16 tokens); backward takes g·[W | B] = [g·W | g·B]
-// and then dx's rank-r add, dA and dB in one fused pass over token panels on tiles (see lora_linear_backward_cpu). Unpacked layouts, fp32 and fp64:
+// GEMM (≥ 17 tokens) or one AMX pass over the weights (4–16 tokens). bf16 backward on AMX (any layout): past 16
+// tokens the GEMM g·W writes dx and one fused pass over token panels forms gB, h, dA, dB and dx += gB·A
+// (cpu/rank_amx.cpp); up to 16 tokens g·[W | B] is one tile pass over the weights. Unpacked layouts, fp32, fp64:
 // Order of work in the forward, and why: the base GEMM writes a fresh output once with the bias in its epilogue
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With

@@ -32,7 +32,7 @@
 namespace lowrank::cpu {
 
 bool segment_amx_supported(const at::Tensor& t) {
-  return LOWRANK_SEG_AMX && multi_lora_avx512() && has_amx_bf16() && t.scalar_type() == at::kBFloat16 &&
+  return LOWRANK_SEG_AMX && has_amx_bf16() && t.scalar_type() == at::kBFloat16 &&
          t.stride(1) == 1;
 }
 

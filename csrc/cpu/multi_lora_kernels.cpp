@@ -21,12 +21,6 @@
 
 namespace lowrank::cpu {
 
-bool multi_lora_avx512() {
-  // has_amx_bf16() (used below for bf16) implies AVX512-BF16, so LOWRANK_MAX_CPU_ISA below avx512_bf16 turns the
-  // AMX paths off too.
-  return has_avx512_bf16();
-}
-
 std::vector<Segment> host_segments(const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& scaling,
                                    const std::optional<at::Tensor>& ranks, int64_t r, int64_t tokens,
                                    int64_t* rows) {
@@ -64,7 +58,7 @@ namespace {
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 bool use_avx512(const at::Tensor& z) {
-  return multi_lora_avx512() && (z.scalar_type() == at::kBFloat16 || z.scalar_type() == at::kFloat) &&
+  return has_avx512_bf16() && (z.scalar_type() == at::kBFloat16 || z.scalar_type() == at::kFloat) &&
          z.stride(1) == 1;
 }
 

@@ -11,7 +11,7 @@
 //   segment_tn:          O_a[k, :] = Σ_i H[i, k]·Z[perm[i], :]            i in segment a    (dA, dB)
 // AMX tiles for bf16 where the CPU has them (cpu/multi_lora_amx.cpp); AVX-512 paths (bf16 with AVX512-BF16 dot
 // products, fp32 with FMA; fp32 accumulation) are chosen at run time
-// by CPUID (multi_lora_avx512()); elsewhere (AVX2-only CPUs, fp16, fp64) the same products run through ATen on
+// by CPUID (has_avx512_bf16(), capped by LOWRANK_MAX_CPU_ISA); elsewhere (AVX2-only CPUs, fp16, fp64) the same products run through ATen on
 // a block buffer of at most kSegBlock gathered rows, so the portable path also never copies a whole activation.
 #pragma once
 #include <ATen/ATen.h>
@@ -30,9 +30,6 @@ struct Segment {
 // Rows of the portable path's gather buffer (the "small block buffer": 128 rows of x at most).
 constexpr int64_t kSegBlock = 128;
 
-// Whether the AVX-512 kernels run: cpu/isa.h's level is at least avx512_bf16 (CPUID, capped by
-// LOWRANK_MAX_CPU_ISA; =avx2 makes this CPU take the path AVX2-only CPUs take).
-bool multi_lora_avx512();
 
 // The non-empty segments (count ≥ 1, rank ≥ 1), after checking the metadata values: offsets non-decreasing
 // from 0 to at most `tokens`, perm entries in [0, tokens), ranks in [0, r], scaling finite. CPU tensors only.
@@ -55,7 +52,7 @@ std::vector<at::Tensor> segment_tn(const at::Tensor& h, const at::Tensor& perm, 
                                    const at::Tensor& z2);
 
 // AMX-BF16 tile versions (cpu/multi_lora_amx.cpp), used by the three functions above for bf16 when the CPU has
-// AMX (and multi_lora_avx512() holds): Z (shrink, tn) or Y (expand) bf16 with unit column stride.
+// AMX (has_amx_bf16(), which implies has_avx512_bf16()): Z (shrink, tn) or Y (expand) bf16 with unit column stride.
 bool segment_amx_supported(const at::Tensor& t);
 void segment_shrink_amx(const at::Tensor& z2, const int64_t* perm, const std::vector<Segment>& segs,
                         const std::vector<at::Tensor>& m, at::Tensor& h);

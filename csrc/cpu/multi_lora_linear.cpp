@@ -49,9 +49,9 @@ constexpr int64_t kDecodeMaxT = 4;
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t T = x2.size(0);
   const auto dtype = x2.scalar_type();
-  if (cpu::multi_lora_avx512() && dtype == at::kBFloat16 && T <= kDecodeMaxT && cpu::decode_supported(x2, weight))
+  if (cpu::has_avx512_bf16() && dtype == at::kBFloat16 && T <= kDecodeMaxT && cpu::decode_supported(x2, weight))
     return cpu::decode_linear_bf16(x2, weight, bias, std::nullopt, std::nullopt, at::kBFloat16);
-  const bool onednn = onednn_linear_op() != nullptr && cpu::multi_lora_avx512() && weight.is_contiguous() && T > 0 &&
+  const bool onednn = onednn_linear_op() != nullptr && cpu::has_avx512_bf16() && weight.is_contiguous() && T > 0 &&
                       (dtype == at::kBFloat16 ||
                        (dtype == at::kFloat && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22)));
   if (onednn) {
