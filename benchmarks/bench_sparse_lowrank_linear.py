@@ -115,7 +115,7 @@ def test_sparse_lowrank_linear(run_benchmark, benchmark, dtype, mode, shape, den
     call = make_call(impl, mode, x, a, b, v, layout, bias, grad)
     info = dict(impl=impl, dtype=_name(dtype), mode=mode, T=shape[0], out=shape[1], **{"in": shape[2]},
                 r=shape[3], density=density, nnz=layout.nnz, index_bytes=layout.index_bytes(),
-                index_bytes_csr=layout.index_bytes(transpose=False), int64_flat_index_bytes=8 * layout.nnz)
+                int64_flat_index_bytes=8 * layout.nnz)
     # The call's output activations (y, and dx for fwdbwd): subtracted from the peak to compare transients.
     widths = shape[1] + (shape[2] if mode == "fwdbwd" else 0)
     info["activation_bytes"] = x.element_size() * shape[0] * widths
@@ -148,7 +148,7 @@ def ratio_table(path: str) -> str:
     linear = {k[:6]: v["linear"] for k, v in rows.items() if "linear" in v}
     lines = ["| dtype | mode | W out×in | density | lowrank ms | SLTrain ms | speed-up | nn.Linear ms | "
              "floor ms | sparse GFLOP/s | transient memory lowrank / SLTrain | "
-             "index bytes CSR / int64 flat |",
+             "index bytes / int64 flat |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in sorted(rows.items()):
         if "lowrank" not in v or "sltrain" not in v:
@@ -161,7 +161,7 @@ def ratio_table(path: str) -> str:
         rate = flops / (ours - floor) / 1e9 if ours > floor else float("nan")
         act = info["activation_bytes"]
         mem = f"{(p_ours - act) / (p_ref - act):.2f}" if p_ours and p_ref else "–"
-        idx = info["index_bytes_csr"] / info["int64_flat_index_bytes"] if info["nnz"] else float("nan")
+        idx = info["index_bytes"] / info["int64_flat_index_bytes"] if info["nnz"] else float("nan")
         lines.append(f"| {dtype} | {mode} | {out}×{in_} | {d:.0%} | {ours * 1e3:.1f} | {ref * 1e3:.1f} | "
                      f"{ref / ours:.2f}× | {lin * 1e3:.1f} | {floor * 1e3:.1f} | {rate:.0f} | {mem} | "
                      f"{idx:.2f} |")

@@ -44,22 +44,23 @@ TORCH_LIBRARY(lowrank, m) {
       "multi_lora_linear_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor scaling, Tensor perm, Tensor offsets, Tensor? ranks) -> Tensor");
   // y = x·Aᵀ·Bᵀ + x·Sᵀ + bias, W = B·A + S never formed. x [..., in], lora_a [r, in], lora_b [out, r],
-  // s_values [nnz] in CSR order; the support (int32, built once by lowrank.ops.SparseLayout): CSR row_ptr
-  // [out + 1], col_idx [nnz] and its CSC transpose col_ptr [in + 1], row_idx [nnz], perm [nnz] (CSC entry k is
-  // CSR entry perm[k]; read by the backward). The _triton twin runs the sparse product in a Triton kernel.
+  // s_values [nnz] in CSR order; the support (built once by lowrank.ops.SparseLayout): CSR row_ptr [out + 1]
+  // int32, col_idx [nnz] (uint16 on CPU where in <= 65536, else int32), and, on CUDA, its CSC transpose col_ptr
+  // [in + 1], row_idx [nnz], perm [nnz] (int32; CSC entry k is CSR entry perm[k]; read by the CUDA backward, None
+  // elsewhere). The _triton twin runs the sparse product in a Triton kernel.
   m.set_python_module("lowrank.ops.sparse_lowrank_linear");
   m.def(
       "sparse_lowrank_linear(Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, Tensor row_ptr, "
-      "Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, Tensor? bias) -> Tensor");
+      "Tensor col_idx, Tensor? col_ptr, Tensor? row_idx, Tensor? perm, Tensor? bias) -> Tensor");
   // (dx, d lora_a, d lora_b, d s_values) under output_mask (undefined where false); d s_values is the sampled
   // product g·ᵀx at the support only. The bias gradient is a row sum done by the caller.
   m.def(
       "sparse_lowrank_linear_backward(Tensor grad_out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, "
-      "Tensor row_ptr, Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, bool[4] output_mask) -> "
+      "Tensor row_ptr, Tensor col_idx, Tensor? col_ptr, Tensor? row_idx, Tensor? perm, bool[4] output_mask) -> "
       "(Tensor?, Tensor?, Tensor?, Tensor?)");
   m.def(
       "sparse_lowrank_linear_triton(Tensor x, Tensor lora_a, Tensor lora_b, Tensor s_values, Tensor row_ptr, "
-      "Tensor col_idx, Tensor col_ptr, Tensor row_idx, Tensor perm, Tensor? bias) -> Tensor");
+      "Tensor col_idx, Tensor? col_ptr, Tensor? row_idx, Tensor? perm, Tensor? bias) -> Tensor");
   // Mixture of rank-1 experts LoRA: y = x·Wᵀ + b + s·Σ_{e ∈ topk(t)} g_te·(a_e·x_t)·b_e, lora_a [E, in],
   // lora_b [out, E], router [E, in] and router_bias [E] for gate "router", none for "self". Returns (y, indices
   // [..., k] int64, gates [..., k] fp32 (fp64 for fp64), act): act = x·[A; R]ᵀ [T, E or 2E] in the gate dtype is

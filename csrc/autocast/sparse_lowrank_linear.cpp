@@ -1,5 +1,6 @@
 // torch.autocast rules of lowrank::sparse_lowrank_linear and its Triton twin (see common/autocast.h): x, the
-// factors, the sparse values and the bias run in the region's dtype; the int32 support is passed as it is.
+// factors, the sparse values and the bias run in the region's dtype; the integer support (and the optional
+// CSC transpose) is passed as it is.
 #include <torch/library.h>
 
 #include "common/autocast.h"
@@ -7,16 +8,15 @@
 namespace lowrank {
 namespace {
 
+using OptTensor = std::optional<at::Tensor>;
 using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const std::optional<at::Tensor>&);
+                       const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&);
 
 template <c10::DeviceType Dev, bool Triton>
 at::Tensor sparse_lowrank_linear_autocast(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                           const at::Tensor& s_values, const at::Tensor& row_ptr,
-                                          const at::Tensor& col_idx, const at::Tensor& col_ptr,
-                                          const at::Tensor& row_idx, const at::Tensor& perm,
-                                          const std::optional<at::Tensor>& bias) {
+                                          const at::Tensor& col_idx, const OptTensor& col_ptr,
+                                          const OptTensor& row_idx, const OptTensor& perm, const OptTensor& bias) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow(Triton ? "lowrank::sparse_lowrank_linear_triton" : "lowrank::sparse_lowrank_linear", "")

@@ -1,23 +1,28 @@
 // Sparse-plus-low-rank linear (SLTrain, LOST), CPU.
 //   forward:  y = (x·Aᵀ)·Bᵀ + b + x·Sᵀ             x [T, in], A [r, in], B [out, r], S [out, in] with nnz values
 //   backward: gB = g·B;  dx = gB·A + g·S;  dA = gBᵀ·x;  dB = gᵀ·(x·Aᵀ);  dS[k] = Σ_t g[t, row_k]·x[t, col_k]
-// S lives on a fixed support: CSR (row_ptr, col_idx; the order of s_values) and its CSC transpose (col_ptr,
-// row_idx, perm), both built once per layer by lowrank.ops.SparseLayout. No [out, in] tensor is ever formed.
+// S lives on a fixed support in CSR order (row_ptr int32; col_idx uint16 where in <= 65536, else int32; the
+// order of s_values), built once per layer by lowrank.ops.SparseLayout. No [out, in] tensor is ever formed, and
+// no transpose of the support is kept: 2 index bytes a nonzero.
 //
 // The rank-r products are skinny GEMMs that MKL/oneDNN already run near their peak, so they stay at::mm. The
-// sparse products are hand-written, and all three (x·Sᵀ, g·S, and the sampled product dS) share one scheme:
-// tokens are processed in blocks of TB (64, or 16 for few tokens); the block of the dense operand is transposed
-// once into an fp32 (fp64 for fp64) buffer srcT [n][TB], so that each nonzero (i, c, v) becomes one TB-wide
-// axpy acc[i] += v·srcT[c] (four AVX-512 FMAs for TB = 64) or, for dS, one TB-wide dot product. The buffer is
-// n·TB·4 bytes (1 MiB for in = 4096): it stays in L2 while every nonzero of every row reads it, so each x row is
-// read from memory once per call however many nonzeros use it. Threads split output rows (x·Sᵀ, dS) or input
-// columns through the CSC order (g·S), so no two threads write the same output and no atomics are needed.
-// Row results are gathered in a 16-row tile and added to the [T, n] output row by row (16 contiguous values).
+// sparse products are hand-written and share one scheme: tokens are processed in blocks of TB (64, or 16 for few
+// tokens); the block of a dense operand is transposed once into an fp32 (fp64 for fp64) buffer srcT [n][TB], so
+// that each nonzero (i, c, v) becomes TB-wide vector work on row c of that buffer. The buffer is n·TB·4 bytes
+// (1 MiB for n = 4096): it stays in L2 while every nonzero reads it, so each x row is read from memory once per
+// call however many nonzeros use it.
+//   forward x·Sᵀ: acc[i] += v·xT[c] (a gather; four AVX-512 FMAs for TB = 64); threads split output rows;
+//     row results are gathered in a 16-row tile and added to the [T, out] output row by row.
+//   backward, one walk over the CSR entries (i, c, v) with gT[i] hot: dS[k] = gT[i]·xT[c] (a dot product) and
+//     dxT[c] += v·gT[i] (a scatter into a transposed [in][TB] dx block, added into dx when the block is done).
+//     Scattering through the CSR order is what makes the CSC transpose (8 bytes a nonzero) unnecessary; threads
+//     take whole token blocks, or split rows with a private dx block each when there are few blocks.
 //
-// bf16/fp16 inputs are converted in the transpose and accumulated in fp32; each output element is rounded once
-// after the sparse sum is added to the GEMM result. The AVX-512 code (fp32 accumulation) is chosen at run time
-// from CPUID; elsewhere the same loops are compiled for AVX2 or baseline x86-64 (function-level target
-// attributes, one source), so AVX2-only CPUs run a vectorized portable path.
+// bf16/fp16 inputs are converted in the transposes and accumulated in fp32; each output element is rounded once
+// after the sparse sum is added to the GEMM result. The AVX-512 forward is hand-written (fp32 accumulation); the
+// backward walk is the portable loop compiled per instruction set. The ISA is chosen at run time from CPUID;
+// elsewhere the same loops are compiled for AVX2 or baseline x86-64 (function-level target attributes, one
+// source), so AVX2-only CPUs run a vectorized portable path.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,12 +70,25 @@ Isa cpu_isa() {
   return level >= CpuIsa::kAvx512 ? Isa::kAvx512 : level >= CpuIsa::kAvx2 ? Isa::kAvx2 : Isa::kBase;
 }
 
+using OptTensor = std::optional<at::Tensor>;
+
 constexpr int64_t kRowTile = 16;  // rows gathered before the transposed add into the output
 
 // ---- portable loops (compiled per ISA by the wrappers below) -------------------------------------------------
-// out[j, i] += Σ_{k in row i} val[k]·srcT[idx[k]][j]  for rows i in [r0, r1), tokens j < tb.
+// out[j, r] += tile[r][j] for r < nr, tokens j < tb (tile: nr rows of TB, contiguous).
 template <typename acc_t, int TB, typename out_t>
-SLR_INLINE void spmm_rows_impl(const int32_t* ptr, const int32_t* idx, const acc_t* val, const acc_t* srcT,
+SLR_INLINE void add_tile_impl(const acc_t* __restrict__ tile, int64_t nr, out_t* __restrict__ out, int64_t ldo,
+                              int64_t tb) {
+  // __restrict__: without it a store to out may alias the tile, and GCC keeps the loop scalar and in order.
+  for (int64_t j = 0; j < tb; ++j) {
+    out_t* __restrict__ o = out + j * ldo;
+    for (int64_t r = 0; r < nr; ++r) o[r] = static_cast<out_t>(static_cast<acc_t>(o[r]) + tile[r * TB + j]);
+  }
+}
+
+// out[j, i] += Σ_{k in row i} val[k]·srcT[idx[k]][j]  for rows i in [r0, r1), tokens j < tb.
+template <typename acc_t, int TB, typename out_t, typename idx_t>
+SLR_INLINE void spmm_rows_impl(const int32_t* ptr, const idx_t* idx, const acc_t* val, const acc_t* srcT,
                                int64_t r0, int64_t r1, out_t* out, int64_t ldo, int64_t tb) {
   alignas(64) acc_t tile[kRowTile][TB];
   for (int64_t rb = r0; rb < r1; rb += kRowTile) {
@@ -88,48 +106,73 @@ SLR_INLINE void spmm_rows_impl(const int32_t* ptr, const int32_t* idx, const acc
       }
       for (int j = 0; j < TB; ++j) tile[r][j] = acc[j];
     }
-    for (int64_t j = 0; j < tb; ++j) {
-      out_t* o = out + j * ldo + rb;
-      for (int64_t r = 0; r < nr; ++r) o[r] = static_cast<out_t>(static_cast<acc_t>(o[r]) + tile[r][j]);
-    }
+    add_tile_impl<acc_t, TB>(&tile[0][0], nr, out + rb, ldo, tb);
   }
 }
 
-// dv[k] += Σ_j gT[i][j]·xT[idx[k]][j]  for the entries k of rows i in [r0, r1).
-template <typename acc_t, int TB>
-SLR_INLINE void sddmm_rows_impl(const int32_t* ptr, const int32_t* idx, const acc_t* gT, const acc_t* xT,
-                                int64_t r0, int64_t r1, acc_t* dv) {
+// The backward's sparse work in one walk over the CSR entries k = (i, c) of rows [r0, r1) of a token block:
+//   DV: dv[k] += Σ_j gT[i][j]·xT[c][j]     (d s_values, the sampled product)
+//   DX: dxT[c][j] += val[k]·gT[i][j]       (g·S scattered into the block's transposed dx, [in][TB])
+// Scattering through the CSR order is what lets the layout skip the CSC transpose (8 more index bytes a nonzero):
+// both products read the same c, so the entry is visited once, with gT[i] hot for the whole row.
+template <typename acc_t, int TB, typename idx_t, bool DX, bool DV>
+SLR_INLINE void backward_rows_impl(const int32_t* ptr, const idx_t* idx, const acc_t* val, const acc_t* gT,
+                                   const acc_t* xT, int64_t r0, int64_t r1, acc_t* dxT, acc_t* dv) {
   for (int64_t i = r0; i < r1; ++i) {
-    const acc_t* g = gT + i * TB;
+    acc_t g[TB];
+    for (int j = 0; j < TB; ++j) g[j] = gT[i * TB + j];
     for (int32_t k = ptr[i]; k < ptr[i + 1]; ++k) {
-      const acc_t* s = xT + static_cast<int64_t>(idx[k]) * TB;
-      acc_t d = 0;
+      const int64_t c = static_cast<int64_t>(idx[k]) * TB;
+      if constexpr (DV) {
+        const acc_t* s = xT + c;
+        acc_t d = 0;
 #pragma omp simd reduction(+ : d)
-      for (int j = 0; j < TB; ++j) d += g[j] * s[j];
-      dv[k] += d;
+        for (int j = 0; j < TB; ++j) d += g[j] * s[j];
+        dv[k] += d;
+      }
+      if constexpr (DX) {
+        const acc_t v = val[k];
+        acc_t* o = dxT + c;
+#pragma omp simd
+        for (int j = 0; j < TB; ++j) o[j] += v * g[j];
+      }
     }
   }
 }
 
-template <typename acc_t, int TB, typename out_t>
-SLR_NO_JAM void spmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1,
+template <typename acc_t, int TB, typename out_t, typename idx_t>
+SLR_NO_JAM void spmm_rows_base(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1,
                     out_t* o, int64_t ldo, int64_t tb) {
   spmm_rows_impl<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
 }
-template <typename acc_t, int TB, typename out_t>
-SLR_AVX2 SLR_NO_JAM void spmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0,
+template <typename acc_t, int TB, typename out_t, typename idx_t>
+SLR_AVX2 SLR_NO_JAM void spmm_rows_avx2(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* s, int64_t r0,
                              int64_t r1, out_t* o, int64_t ldo, int64_t tb) {
   spmm_rows_impl<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
 }
-template <typename acc_t, int TB>
-SLR_NO_JAM void sddmm_rows_base(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0, int64_t r1,
-                     acc_t* dv) {
-  sddmm_rows_impl<acc_t, TB>(p, i, g, x, r0, r1, dv);
+template <typename acc_t, int TB, typename idx_t, bool DX, bool DV>
+SLR_NO_JAM void backward_rows_base(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* g, const acc_t* x,
+                                   int64_t r0, int64_t r1, acc_t* dxT, acc_t* dv) {
+  backward_rows_impl<acc_t, TB, idx_t, DX, DV>(p, i, v, g, x, r0, r1, dxT, dv);
 }
-template <typename acc_t, int TB>
-SLR_AVX2 SLR_NO_JAM void sddmm_rows_avx2(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0,
-                              int64_t r1, acc_t* dv) {
-  sddmm_rows_impl<acc_t, TB>(p, i, g, x, r0, r1, dv);
+template <typename acc_t, int TB, typename idx_t, bool DX, bool DV>
+SLR_AVX2 SLR_NO_JAM void backward_rows_avx2(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* g,
+                                            const acc_t* x, int64_t r0, int64_t r1, acc_t* dxT, acc_t* dv) {
+  backward_rows_impl<acc_t, TB, idx_t, DX, DV>(p, i, v, g, x, r0, r1, dxT, dv);
+}
+// The same loops vectorized by the compiler for AVX-512 (TB/16 zmm registers hold the row's gT[i]).
+template <typename acc_t, int TB, typename idx_t, bool DX, bool DV>
+SLR_AVX512 SLR_NO_JAM void backward_rows_avx512(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* g,
+                                                const acc_t* x, int64_t r0, int64_t r1, acc_t* dxT, acc_t* dv) {
+  backward_rows_impl<acc_t, TB, idx_t, DX, DV>(p, i, v, g, x, r0, r1, dxT, dv);
+}
+template <typename acc_t, int TB, typename out_t>
+void add_tile_base(const acc_t* t, int64_t nr, out_t* o, int64_t ldo, int64_t tb) {
+  add_tile_impl<acc_t, TB>(t, nr, o, ldo, tb);
+}
+template <typename acc_t, int TB, typename out_t>
+SLR_AVX2 void add_tile_avx2(const acc_t* t, int64_t nr, out_t* o, int64_t ldo, int64_t tb) {
+  add_tile_impl<acc_t, TB>(t, nr, o, ldo, tb);
 }
 
 // ---- AVX-512 ------------------------------------------------------------------------------------------------
@@ -219,8 +262,8 @@ SLR_AVX512 void add_tile_avx512(const float (*tile)[TB], int64_t nr, out_t* out,
 
 // fp32: TB/16 registers per row accumulator; two accumulator sets (even/odd nonzeros) so that the FMA chains
 // hide the FMA latency even for TB = 16. fp64 runs the portable loops compiled for AVX-512.
-template <typename acc_t, int TB, typename out_t>
-SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* val, const acc_t* srcT,
+template <typename acc_t, int TB, typename out_t, typename idx_t>
+SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const idx_t* idx, const acc_t* val, const acc_t* srcT,
                                  int64_t r0, int64_t r1, out_t* out, int64_t ldo, int64_t tb) {
   if constexpr (!std::is_same_v<acc_t, float>) {
     spmm_rows_impl<acc_t, TB>(ptr, idx, val, srcT, r0, r1, out, ldo, tb);
@@ -255,29 +298,10 @@ SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const int32_t* i
   }
 }
 
-template <typename acc_t, int TB>
-SLR_AVX512 SLR_NO_JAM void sddmm_rows_avx512(const int32_t* ptr, const int32_t* idx, const acc_t* gT, const acc_t* xT,
-                                  int64_t r0, int64_t r1, acc_t* dv) {
-  if constexpr (!std::is_same_v<acc_t, float>) {
-    sddmm_rows_impl<acc_t, TB>(ptr, idx, gT, xT, r0, r1, dv);
-  } else {
-    constexpr int NV = TB / 16;
-    for (int64_t i = r0; i < r1; ++i) {
-      __m512 g[NV];
-      for (int v = 0; v < NV; ++v) g[v] = _mm512_loadu_ps(gT + i * TB + 16 * v);
-      for (int32_t k = ptr[i]; k < ptr[i + 1]; ++k) {
-        const float* s = xT + static_cast<int64_t>(idx[k]) * TB;
-        __m512 p = _mm512_mul_ps(g[0], _mm512_loadu_ps(s));
-        for (int v = 1; v < NV; ++v) p = _mm512_fmadd_ps(g[v], _mm512_loadu_ps(s + 16 * v), p);
-        dv[k] += _mm512_reduce_add_ps(p);
-      }
-    }
-  }
-}
 #endif
 
-template <typename acc_t, int TB, typename out_t>
-void spmm_rows(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1, out_t* o,
+template <typename acc_t, int TB, typename out_t, typename idx_t>
+void spmm_rows(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* s, int64_t r0, int64_t r1, out_t* o,
                int64_t ldo, int64_t tb) {
 #if SLR_X86
   if (cpu_isa() == Isa::kAvx512) return spmm_rows_avx512<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
@@ -286,14 +310,41 @@ void spmm_rows(const int32_t* p, const int32_t* i, const acc_t* v, const acc_t* 
   spmm_rows_base<acc_t, TB>(p, i, v, s, r0, r1, o, ldo, tb);
 }
 
-template <typename acc_t, int TB>
-void sddmm_rows(const int32_t* p, const int32_t* i, const acc_t* g, const acc_t* x, int64_t r0, int64_t r1,
-                acc_t* dv) {
+template <typename acc_t, int TB, typename idx_t, bool DX, bool DV>
+void backward_rows(const int32_t* p, const idx_t* i, const acc_t* v, const acc_t* g, const acc_t* x, int64_t r0,
+                   int64_t r1, acc_t* dxT, acc_t* dv) {
 #if SLR_X86
-  if (cpu_isa() == Isa::kAvx512) return sddmm_rows_avx512<acc_t, TB>(p, i, g, x, r0, r1, dv);
-  if (cpu_isa() == Isa::kAvx2) return sddmm_rows_avx2<acc_t, TB>(p, i, g, x, r0, r1, dv);
+  if (cpu_isa() == Isa::kAvx512) return backward_rows_avx512<acc_t, TB, idx_t, DX, DV>(p, i, v, g, x, r0, r1, dxT, dv);
+  if (cpu_isa() == Isa::kAvx2) return backward_rows_avx2<acc_t, TB, idx_t, DX, DV>(p, i, v, g, x, r0, r1, dxT, dv);
 #endif
-  sddmm_rows_base<acc_t, TB>(p, i, g, x, r0, r1, dv);
+  backward_rows_base<acc_t, TB, idx_t, DX, DV>(p, i, v, g, x, r0, r1, dxT, dv);
+}
+
+// out[j, r] += tile[r][j] for r < nr, tokens j < tb, on the widest instruction set.
+template <typename acc_t, int TB, typename out_t>
+void add_tile(const acc_t* tile, int64_t nr, out_t* out, int64_t ldo, int64_t tb) {
+#if SLR_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_isa() == Isa::kAvx512) {
+      return add_tile_avx512<TB>(reinterpret_cast<const float(*)[TB]>(tile), nr, out, ldo, tb);
+    }
+  }
+  if (cpu_isa() == Isa::kAvx2) return add_tile_avx2<acc_t, TB>(tile, nr, out, ldo, tb);
+#endif
+  add_tile_base<acc_t, TB>(tile, nr, out, ldo, tb);
+}
+
+// out[j, c] += srcT[c][j] for columns c in [c0, c1), tokens j < tb, 16 columns at a time, and srcT[c] = 0 after:
+// the 16-column slice is in L1 then, so clearing it here is cheaper than a separate pass over the whole buffer
+// (measured on a 512 KiB-L2 AVX2 CPU: the memset pass plus the re-read from L3 cost as much as the rank-r GEMMs).
+template <typename acc_t, int TB, typename out_t>
+void add_transposed_clear(acc_t* srcT, int64_t c0, int64_t c1, out_t* out, int64_t ldo, int64_t tb) {
+  for (int64_t c = c0; c < c1; c += kRowTile) {
+    const int64_t nr = std::min(kRowTile, c1 - c);
+    acc_t* tile = srcT + c * TB;
+    add_tile<acc_t, TB>(tile, nr, out + c, ldo, tb);
+    std::fill_n(tile, nr * TB, acc_t(0));
+  }
 }
 
 // dst[c][j] = src[j, c] for tokens j < tb (zero for tb <= j < TB), columns c < n, converted to acc_t.
@@ -355,8 +406,8 @@ bool token_parallel(int64_t n_blocks) { return n_blocks >= 2 * at::get_num_threa
 
 // y[t, i] += Σ_k val[k]·src[t, idx[k]] over a compressed matrix (ptr, idx, val) with n_rows rows.
 //   forward x·Sᵀ: CSR of S, src = x.   dx += g·S: CSC of S (values permuted), src = g.
-template <typename scalar_t, typename acc_t, int TB>
-void spmm_add(const at::Tensor& src, const int32_t* ptr, const int32_t* idx, const acc_t* val, int64_t n_rows,
+template <typename scalar_t, typename acc_t, int TB, typename idx_t>
+void spmm_add(const at::Tensor& src, const int32_t* ptr, const idx_t* idx, const acc_t* val, int64_t n_rows,
               at::Tensor& y) {
   const int64_t T = src.size(0), n_src = src.size(1), lds = src.stride(0), ldy = y.stride(0);
   const int64_t n_blocks = (T + TB - 1) / TB;
@@ -386,8 +437,8 @@ void spmm_add(const at::Tensor& src, const int32_t* ptr, const int32_t* idx, con
 }
 
 // Few tokens: a 16-token block wastes less on padding (a 64-token block costs the same as 64 tokens).
-template <typename scalar_t, typename acc_t>
-void spmm_add_dispatch(const at::Tensor& src, const int32_t* ptr, const int32_t* idx, const acc_t* val,
+template <typename scalar_t, typename acc_t, typename idx_t>
+void spmm_add_dispatch(const at::Tensor& src, const int32_t* ptr, const idx_t* idx, const acc_t* val,
                        int64_t n_rows, at::Tensor& y) {
   if (src.size(0) <= 16) {
     spmm_add<scalar_t, acc_t, 16>(src, ptr, idx, val, n_rows, y);
@@ -396,41 +447,73 @@ void spmm_add_dispatch(const at::Tensor& src, const int32_t* ptr, const int32_t*
   }
 }
 
-// Backward sparse work, sharing the transposed g block: dx += g·S (CSC) and dv += SDDMM (CSR). Token-parallel
-// calls give each thread its own dv partial sum [nnz] (added up at the end): nnz·threads·4 bytes.
-template <typename scalar_t, typename acc_t, int TB>
-void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* row_ptr, const int32_t* col_idx,
-                     const int32_t* col_ptr, const int32_t* row_idx, const acc_t* val_csc, at::Tensor* dx,
-                     at::Tensor* dv) {
-  const int64_t T = g2.size(0), out = g2.size(1), in = x2.size(1), nnz = dv != nullptr ? dv->size(0) : 0;
+// Backward sparse work on the CSR order alone (see backward_rows_impl): dv += SDDMM and dx += g·S, the latter
+// scattered into a transposed [in][TB] fp32 block buffer that is added into dx once the block's rows are done.
+// Token-parallel calls give each thread its own buffers and dv partial sum [nnz] (added up at the end). Row-parallel
+// calls (few token blocks) share the transposed g and x blocks, and each thread scatters into its own dx buffer
+// (any row may hit any column); the buffers are then summed into dx by column tiles.
+template <typename scalar_t, typename acc_t, int TB, typename idx_t>
+void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* row_ptr, const idx_t* col_idx,
+                     const acc_t* val, at::Tensor* dx, at::Tensor* dv) {
+  const int64_t T = g2.size(0), out = g2.size(1), in = x2.size(1), nnz = row_ptr[out];
   const int64_t n_blocks = (T + TB - 1) / TB;
   const bool by_tokens = token_parallel(n_blocks);
   const int64_t slots = by_tokens ? block_slots(n_blocks) : 1;
+  const int64_t dx_slots = dx == nullptr ? 0 : by_tokens ? slots : std::max<int64_t>(1, at::get_num_threads());
   const auto opts = g2.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor gbuf = at::empty({slots * out * TB}, opts);
   const at::Tensor xbuf = dv != nullptr ? at::empty({slots * in * TB}, opts) : at::Tensor();
+  // Zero once here: every add into dx clears the slice it read, so a buffer is all zeros between blocks.
+  const at::Tensor dxbuf = dx != nullptr ? at::zeros({dx_slots * in * TB}, opts) : at::Tensor();
   const at::Tensor dv_part = dv != nullptr && slots > 1 ? at::zeros({slots - 1, nnz}, opts) : at::Tensor();
   const scalar_t* g = g2.const_data_ptr<scalar_t>();
   const scalar_t* x = x2.const_data_ptr<scalar_t>();
-  const int64_t ldg = g2.stride(0), ldx = x2.stride(0);
+  const int64_t ldg = g2.stride(0), ldx = x2.stride(0), ldo = dx != nullptr ? dx->stride(0) : 0;
+  auto walk = [&](const acc_t* gT, const acc_t* xT, acc_t* dxT, acc_t* d, int64_t r0, int64_t r1) {
+    if (dxT != nullptr && d != nullptr) {
+      backward_rows<acc_t, TB, idx_t, true, true>(row_ptr, col_idx, val, gT, xT, r0, r1, dxT, d);
+    } else if (dxT != nullptr) {
+      backward_rows<acc_t, TB, idx_t, true, false>(row_ptr, col_idx, val, gT, xT, r0, r1, dxT, d);
+    } else {
+      backward_rows<acc_t, TB, idx_t, false, true>(row_ptr, col_idx, val, gT, xT, r0, r1, dxT, d);
+    }
+  };
   auto block = [&](int64_t blk, int64_t slot, bool rows_parallel) {
     const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0);
     acc_t* gT = gbuf.mutable_data_ptr<acc_t>() + slot * out * TB;
     pack_transposed<scalar_t, acc_t, TB>(g + t0 * ldg, ldg, tb, out, gT);
-    if (dx != nullptr) {
-      const int64_t ldo = dx->stride(0);
-      scalar_t* o = dx->mutable_data_ptr<scalar_t>() + t0 * ldo;
-      auto run = [&](int64_t c0, int64_t c1) {
-        spmm_rows<acc_t, TB>(col_ptr, row_idx, val_csc, gT, c0, c1, o, ldo, tb);
-      };
-      if (rows_parallel) parallel_rows(in, col_ptr[in] * tb, run); else run(0, in);
-    }
+    acc_t* xT = nullptr;
+    acc_t* d = nullptr;
     if (dv != nullptr) {
-      acc_t* xT = xbuf.mutable_data_ptr<acc_t>() + slot * in * TB;
-      acc_t* d = slot == 0 ? dv->mutable_data_ptr<acc_t>() : dv_part.mutable_data_ptr<acc_t>() + (slot - 1) * nnz;
+      xT = xbuf.mutable_data_ptr<acc_t>() + slot * in * TB;
       pack_transposed<scalar_t, acc_t, TB>(x + t0 * ldx, ldx, tb, in, xT);
-      auto run = [&](int64_t r0, int64_t r1) { sddmm_rows<acc_t, TB>(row_ptr, col_idx, gT, xT, r0, r1, d); };
-      if (rows_parallel) parallel_rows(out, row_ptr[out] * tb, run); else run(0, out);
+      d = slot == 0 ? dv->mutable_data_ptr<acc_t>() : dv_part.mutable_data_ptr<acc_t>() + (slot - 1) * nnz;
+    }
+    scalar_t* o = dx != nullptr ? dx->mutable_data_ptr<scalar_t>() + t0 * ldo : nullptr;
+    acc_t* dx0 = dx != nullptr ? dxbuf.mutable_data_ptr<acc_t>() : nullptr;
+    if (!rows_parallel) {
+      acc_t* dxT = dx != nullptr ? dx0 + slot * in * TB : nullptr;
+      walk(gT, xT, dxT, d, 0, out);
+      if (dxT != nullptr) add_transposed_clear<acc_t, TB>(dxT, 0, in, o, ldo, tb);
+      return;
+    }
+    std::vector<char> used(static_cast<size_t>(dx_slots), 0);
+    parallel_rows(out, nnz * tb, [&](int64_t r0, int64_t r1) {
+      acc_t* dxT = nullptr;
+      if (dx != nullptr) {
+        const int64_t tid = at::get_thread_num();
+        TORCH_INTERNAL_ASSERT(tid >= 0 && tid < dx_slots, "sparse_lowrank_linear_backward: thread ", tid);
+        dxT = dx0 + tid * in * TB;
+        used[tid] = 1;
+      }
+      walk(gT, xT, dxT, d, r0, r1);
+    });
+    if (dx != nullptr) {
+      at::parallel_for(0, in, std::max<int64_t>(kRowTile, (int64_t{1} << 16) / TB), [&](int64_t c0, int64_t c1) {
+        for (int64_t sl = 0; sl < dx_slots; ++sl) {
+          if (used[sl]) add_transposed_clear<acc_t, TB>(dx0 + sl * in * TB, c0, c1, o, ldo, tb);
+        }
+      });
     }
   };
   if (by_tokens) {
@@ -438,6 +521,16 @@ void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* 
     if (dv_part.defined()) dv->add_(dv_part.sum(0));
   } else {
     for (int64_t blk = 0; blk < n_blocks; ++blk) block(blk, 0, true);
+  }
+}
+
+// Calls f(idx_t{}) with the C++ type of the column indices (uint16 where in <= 65536, else int32).
+template <typename F>
+void dispatch_index(const at::Tensor& col_idx, const F& f) {
+  if (col_idx.scalar_type() == at::kUInt16) {
+    f(uint16_t{});
+  } else {
+    f(int32_t{});
   }
 }
 
@@ -451,8 +544,8 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 
 at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                      const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                     const at::Tensor& col_ptr, const at::Tensor& row_idx, const at::Tensor& perm,
-                                     const std::optional<at::Tensor>& bias) {
+                                     const OptTensor& col_ptr, const OptTensor& row_idx, const OptTensor& perm,
+                                     const OptTensor& bias) {
   check_sparse_lowrank_args(x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, bias);
   const int64_t in = lora_a.size(1), out = lora_b.size(0), nnz = s_values.size(0);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
@@ -468,29 +561,28 @@ at::Tensor sparse_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& lora
     const at::Tensor val = s_values.to(acc_type(x.scalar_type())).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_lowrank_linear_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      spmm_add_dispatch<scalar_t, acc_t>(x2, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
-                                         val.const_data_ptr<acc_t>(), out, y);
+      dispatch_index(ci, [&](auto tag) {
+        using idx_t = decltype(tag);
+        spmm_add_dispatch<scalar_t, acc_t>(x2, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<idx_t>(),
+                                           val.const_data_ptr<acc_t>(), out, y);
+      });
     });
   }
   return y.view(out_shape);
 }
 
-using OptTensor = std::optional<at::Tensor>;
-
-// (dx, dA, dB, d s_values) under output_mask; the bias gradient is a row sum done by the caller.
+// (dx, dA, dB, d s_values) under output_mask; the bias gradient is a row sum done by the caller. The CSC
+// transpose (col_ptr, row_idx, perm), if given, is not read: the sparse work walks the CSR order only.
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
-    const at::Tensor& row_idx, const at::Tensor& perm, std::array<bool, 4> output_mask) {
+    const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const OptTensor& col_ptr,
+    const OptTensor& row_idx, const OptTensor& perm, std::array<bool, 4> output_mask) {
   check_sparse_lowrank_args(x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, std::nullopt);
   const int64_t in = lora_a.size(1), out = lora_b.size(0), nnz = s_values.size(0);
   check_sparse_lowrank_grad(grad_out, x, in, out);
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const at::Tensor cp = col_ptr.contiguous(), ri = row_idx.contiguous(), pm = perm.contiguous();
-  if (output_mask[3]) check_compressed_cpu(rp, ci, in, "sparse_lowrank_linear_backward: (row_ptr, col_idx)");
-  if (output_mask[0]) {
-    check_compressed_cpu(cp, ri, out, "sparse_lowrank_linear_backward: (col_ptr, row_idx)");
-    check_compressed_cpu(cp, pm, std::max<int64_t>(nnz, 1), "sparse_lowrank_linear_backward: (col_ptr, perm)");
+  if (output_mask[0] || output_mask[3]) {
+    check_compressed_cpu(rp, ci, in, "sparse_lowrank_linear_backward: (row_ptr, col_idx)");
   }
   const at::Tensor g2 = rows_view(grad_out, out);
   const at::Tensor x2 = rows_view(x, in);
@@ -504,22 +596,25 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_bac
   at::Tensor dv_acc;
   if (output_mask[3]) dv_acc = at::zeros({nnz}, s_values.options().dtype(acc_type(x.scalar_type())));
   if (T > 0 && nnz > 0 && (output_mask[0] || output_mask[3])) {
-    const at::Tensor val_csc =
-        output_mask[0] ? s_values.to(acc_type(x.scalar_type())).index_select(0, pm) : at::Tensor();
+    const at::Tensor val = output_mask[0] ? s_values.to(acc_type(x.scalar_type())).contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_lowrank_linear_bwd", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      auto run = [&](auto tb_tag) {
-        constexpr int TB = decltype(tb_tag)::value;
-        sparse_backward<scalar_t, acc_t, TB>(g2, x2, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
-                                             cp.const_data_ptr<int32_t>(), ri.const_data_ptr<int32_t>(),
-                                             output_mask[0] ? val_csc.const_data_ptr<acc_t>() : nullptr,
-                                             output_mask[0] ? &*dx : nullptr, output_mask[3] ? &dv_acc : nullptr);
-      };
-      if (T <= 16) {
-        run(std::integral_constant<int, 16>{});
-      } else {
-        run(std::integral_constant<int, 64>{});
-      }
+      dispatch_index(ci, [&](auto idx_tag) {
+        using idx_t = decltype(idx_tag);
+        auto run = [&](auto tb_tag) {
+          constexpr int TB = decltype(tb_tag)::value;
+          sparse_backward<scalar_t, acc_t, TB, idx_t>(g2, x2, rp.const_data_ptr<int32_t>(),
+                                                      ci.const_data_ptr<idx_t>(),
+                                                      output_mask[0] ? val.const_data_ptr<acc_t>() : nullptr,
+                                                      output_mask[0] ? &*dx : nullptr,
+                                                      output_mask[3] ? &dv_acc : nullptr);
+        };
+        if (T <= 16) {
+          run(std::integral_constant<int, 16>{});
+        } else {
+          run(std::integral_constant<int, 64>{});
+        }
+      });
     });
   }
   if (output_mask[0]) dx = dx->view(x.sizes());

@@ -27,6 +27,13 @@ at::Tensor rows_view(const at::Tensor& t, int64_t n) {
   return t2.stride(1) == 1 ? t2 : t2.contiguous();
 }
 
+// The CUDA kernels read int32 column indices (coalesced 4-byte loads); SparseLayout.to("cuda") widens the CPU
+// layout's uint16 ones.
+void check_cuda_col_idx(const at::Tensor& col_idx) {
+  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt, "sparse_lowrank_linear (CUDA): col_idx must be int32, got ",
+                   col_idx.scalar_type(), " (SparseLayout.to('cuda') converts it)");
+}
+
 // Calls f.template operator()<cuda_t>() with the CUDA element type of `dtype`.
 template <typename F>
 void dispatch_cuda_type(at::ScalarType dtype, const F& f) {
@@ -41,10 +48,10 @@ void dispatch_cuda_type(at::ScalarType dtype, const F& f) {
 
 at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                       const at::Tensor& s_values, const at::Tensor& row_ptr,
-                                      const at::Tensor& col_idx, const at::Tensor& col_ptr,
-                                      const at::Tensor& row_idx, const at::Tensor& perm,
-                                      const std::optional<at::Tensor>& bias) {
+                                      const at::Tensor& col_idx, const OptTensor& col_ptr,
+                                      const OptTensor& row_idx, const OptTensor& perm, const OptTensor& bias) {
   check_sparse_lowrank_args(x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, bias);
+  check_cuda_col_idx(col_idx);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = lora_a.size(1), out = lora_b.size(0), nnz = s_values.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -68,9 +75,12 @@ at::Tensor sparse_lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& lor
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
-    const at::Tensor& row_idx, const at::Tensor& perm, std::array<bool, 4> output_mask) {
+    const at::Tensor& s_values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const OptTensor& col_ptr,
+    const OptTensor& row_idx, const OptTensor& perm, std::array<bool, 4> output_mask) {
   check_sparse_lowrank_args(x, lora_a, lora_b, s_values, row_ptr, col_idx, col_ptr, row_idx, perm, std::nullopt);
+  check_cuda_col_idx(col_idx);
+  TORCH_CHECK_VALUE(!output_mask[0] || col_ptr.has_value(), "sparse_lowrank_linear_backward (CUDA): dx needs the "
+                    "layout's CSC transpose (col_ptr, row_idx, perm); a SparseLayout on a CUDA device carries it");
   const int64_t in = lora_a.size(1), out = lora_b.size(0), nnz = s_values.size(0);
   check_sparse_lowrank_grad(grad_out, x, in, out);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -90,7 +100,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_bac
     dispatch_cuda_type(x.scalar_type(), [&](auto tag) {
       using cuda_t = decltype(tag);
       if (output_mask[0]) {
-        const at::Tensor cp = col_ptr.contiguous(), ri = row_idx.contiguous(), pm = perm.contiguous();
+        const at::Tensor cp = col_ptr->contiguous(), ri = row_idx->contiguous(), pm = perm->contiguous();
         C10_CUDA_CHECK(kernels::launch_sparse_spmm_add<cuda_t>(
             reinterpret_cast<const cuda_t*>(g2.const_data_ptr()), g2.stride(0), cp.const_data_ptr<int32_t>(),
             ri.const_data_ptr<int32_t>(), pm.const_data_ptr<int32_t>(),

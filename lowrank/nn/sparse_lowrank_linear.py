@@ -8,8 +8,9 @@ Shapes: x [..., in], lora_a A [r, in], lora_b B [out, r], s_values [nnz] on a fi
 :class:`~lowrank.ops.SparseLayout` of shape (out, in), bias [out]. Both run
 :func:`lowrank.ops.sparse_lowrank_linear`.
 
-Parameters and memory are what the layer holds: r·(in + out) + nnz (+ out) values, plus the int32 support
-(CSR 4·(nnz + out + 1) bytes and its CSC transpose 4·(2·nnz + in + 1); :meth:`memory_report`). Checkpoints
+Parameters and memory are what the layer holds: r·(in + out) + nnz (+ out) values, plus the support (on the
+CPU 2·nnz + 4·(out + 1) bytes: uint16 columns, int32 row pointers; a CUDA layout also keeps the int32 CSC
+transpose its backward reads; :meth:`memory_report`). Checkpoints
 hold the values and, in the module's extra state, the layout record (version, kind, shape, nnz, seed; the
 indices themselves only for non-random supports): a random support is regenerated from its seed exactly as
 SLTrain does.
@@ -34,7 +35,7 @@ from lowrank.reference.sparse_lowrank_linear import dense_sparse
 
 __all__ = ["SparseLowRankLinear", "SparseAdapterLinear"]
 
-_INDEX_NAMES = ("row_ptr", "col_idx", "col_ptr", "row_idx", "perm")
+_INDEX_NAMES = ("row_ptr", "col_idx")
 
 
 def _check_size(cls: str, name: str, value: object) -> int:
@@ -52,14 +53,16 @@ class _SparseSupport(nn.Module):
 
     def _set_layout(self, layout: SparseLayout) -> None:
         self.layout = layout
-        for name, t in zip(_INDEX_NAMES, layout.tensors()):
-            self.register_buffer(name, t, persistent=False)
+        for name in _INDEX_NAMES:
+            self.register_buffer(name, getattr(layout, name), persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        # Buffers were replaced by moved copies: the layout object follows them.
-        for name in _INDEX_NAMES:
-            setattr(self.layout, name, getattr(self, name))
+        if self.row_ptr is not self.layout.row_ptr or self.col_idx is not self.layout.col_idx:
+            # The buffers were replaced by moved copies: rebuild the layout on their device (its column index
+            # dtype and, on CUDA, its CSC transpose depend on the device).
+            old = self.layout
+            self._set_layout(SparseLayout(old.shape, self.row_ptr, self.col_idx, kind=old.kind, seed=old.seed))
         return self
 
     def get_extra_state(self) -> dict:
@@ -73,14 +76,14 @@ class _SparseSupport(nn.Module):
         self._set_layout(layout)
 
     def memory_report(self) -> dict:
-        """Counts and bytes: parameters (all, incl. frozen ones the module owns), the support's indices (CSR
-        and its CSC transpose), and the dense [out, in] weight of the same dtype for comparison."""
+        """Counts and bytes: parameters (all, incl. frozen ones the module owns), the support's indices (CSR,
+        plus the CSC transpose a CUDA layout keeps), SLTrain's int64 flat indices and the dense [out, in]
+        weight of the same dtype for comparison."""
         params = sum(p.numel() for p in self.parameters())
         pbytes = sum(p.numel() * p.element_size() for p in self.parameters())
         out, in_ = self.layout.shape
         return {"parameters": params, "parameter_bytes": pbytes,
                 "index_bytes": self.layout.index_bytes(),
-                "index_bytes_csr": self.layout.index_bytes(transpose=False),
                 "index_bytes_int64_flat": 8 * self.layout.nnz,
                 "total_bytes": pbytes + self.layout.index_bytes(),
                 "dense_weight_bytes": out * in_ * self.s_values.element_size()}

@@ -1,16 +1,20 @@
 """Fixed sparse supports for ``W = B·A + S``: :class:`SparseLayout`.
 
 A layout is the set of positions (i, j) of an [out, in] matrix where S may be nonzero, stored once per layer
-(never per call) in the two orders the kernels read:
+(never per call):
 
-* CSR, the order of ``s_values``: ``row_ptr`` int32 [out + 1], ``col_idx`` int32 [nnz], rows ascending and the
-  columns of each row strictly ascending. This is exactly SLTrain's order (its ``sparse_index`` is the sorted
-  row-major flat position ``i·in + j``), so SLTrain values load without a permutation.
-* CSC, for the backward's ``dx = g·S``: ``col_ptr`` int32 [in + 1], ``row_idx`` int32 [nnz] and ``perm`` int32
-  [nnz], where CSC entry k is CSR entry ``perm[k]`` (its value is ``s_values[perm[k]]``).
+* CSR, the order of ``s_values``: ``row_ptr`` int32 [out + 1], ``col_idx`` [nnz], rows ascending and the columns
+  of each row strictly ascending. This is exactly SLTrain's order (its ``sparse_index`` is the sorted row-major
+  flat position ``i·in + j``), so SLTrain values load without a permutation. On the CPU ``col_idx`` is uint16
+  wherever ``in <= 65536`` (every layer of the models this library targets), else int32.
+* On a CUDA device only, the CSC transpose the CUDA backward reads for ``dx = g·S``: ``col_ptr`` int32 [in + 1],
+  ``row_idx`` int32 [nnz] and ``perm`` int32 [nnz], where CSC entry k is CSR entry ``perm[k]``, built once when
+  the layout is created on or moved to the device (``csc``; None elsewhere). The CPU backward walks the CSR
+  order alone and scatters g·S into a per-thread transposed block, so no transpose is kept there.
 
-Index memory is 4·(nnz + out + 1) bytes for CSR (≈ 0.5× SLTrain's int64 flat indices) plus 4·(2·nnz + in + 1)
-for the transpose: 12 bytes a nonzero in all.
+Index memory on the CPU is therefore 2·nnz + 4·(out + 1) bytes (≈ 0.25× SLTrain's int64 flat indices; 4·nnz +
+4·(out + 1) past 65536 columns); a CUDA layout holds 4·(3·nnz + out + in + 2) bytes. :meth:`SparseLayout.transpose`
+computes the CSC order on demand on any device.
 
 Constructors: :meth:`SparseLayout.random` (SLTrain: ``randperm(out·in)[:nnz]`` sorted, on CPU with a seeded
 ``torch.Generator``, so a checkpoint needs only (seed, shape, nnz)), :meth:`SparseLayout.channels` (LOST:
@@ -24,10 +28,30 @@ import numbers
 
 import torch
 
-__all__ = ["SparseLayout", "LAYOUT_VERSION"]
+__all__ = ["SparseLayout", "LAYOUT_VERSION", "column_index_dtype"]
 
 LAYOUT_VERSION = 1   # bump when the meaning of the stored (kind, seed, shape, nnz, indices) changes
 _INT32_MAX = 2 ** 31 - 1
+_UINT16_COLUMNS = 2 ** 16   # up to this many input columns, a CPU layout stores its column indices as uint16
+
+
+def column_index_dtype(in_features: int, device: torch.device) -> torch.dtype:
+    """The dtype of ``col_idx`` for a layout with ``in_features`` columns on ``device``: uint16 on the CPU up to
+    65536 columns (the CPU kernels widen it in registers), int32 otherwise (the CUDA and Triton kernels load
+    4-byte indices)."""
+    return torch.uint16 if device.type == "cpu" and in_features <= _UINT16_COLUMNS else torch.int32
+
+
+def _csc(row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """(col_ptr, row_idx, perm) int32: the CSC order of a CSR support, on its device."""
+    out, in_ = shape
+    rows = torch.repeat_interleave(torch.arange(out, device=row_ptr.device), row_ptr.long().diff())
+    cols = col_idx.long()
+    # A stable sort of the column keeps rows ascending inside each column because CSR order already sorts rows.
+    perm = torch.sort(cols, stable=True).indices
+    counts = torch.bincount(cols, minlength=in_)
+    col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return col_ptr, rows[perm].to(torch.int32), perm.to(torch.int32)
 
 
 def _check_dim(name: str, value: object) -> int:
@@ -50,12 +74,14 @@ def check_density(density: object, name: str = "density") -> float:
 
 
 class SparseLayout:
-    """Support of a sparse [out, in] matrix in CSR order with its CSC transpose (see the module docstring).
+    """Support of a sparse [out, in] matrix in CSR order (see the module docstring).
 
     Attributes:
         shape: (out, in).
         nnz: number of stored positions.
-        row_ptr, col_idx: CSR (int32).  col_ptr, row_idx, perm: CSC and its map to CSR positions (int32).
+        row_ptr: CSR row pointers, int32 [out + 1].  col_idx: CSR columns [nnz], uint16 or int32
+            (:func:`column_index_dtype`).
+        csc: (col_ptr, row_idx, perm) int32 on a CUDA device, else None.
         kind: "random", "channels", "mask", "topk" or "indices" (how it was built).
         seed: the generator seed of a "random" layout (None otherwise): with (shape, nnz) it regenerates it.
     """
@@ -65,19 +91,10 @@ class SparseLayout:
         # Trusted constructor: the classmethods validate; callers with raw indices use from_indices.
         self.shape = (int(shape[0]), int(shape[1]))
         self.row_ptr = row_ptr.to(torch.int32).contiguous()
-        self.col_idx = col_idx.to(torch.int32).contiguous()
+        device = self.row_ptr.device
+        self.col_idx = col_idx.to(device=device, dtype=column_index_dtype(self.shape[1], device)).contiguous()
         self.kind, self.seed = kind, seed
-        out, in_ = self.shape
-        rows = torch.repeat_interleave(torch.arange(out, device=self.row_ptr.device),
-                                       self.row_ptr.long().diff())
-        cols = self.col_idx.long()
-        # CSC order: by column, then row. A stable sort of the column keeps rows ascending inside each column
-        # because CSR order already sorts rows first.
-        perm = torch.sort(cols, stable=True).indices
-        self.perm = perm.to(torch.int32)
-        self.row_idx = rows[perm].to(torch.int32)
-        counts = torch.bincount(cols, minlength=in_)
-        self.col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        self.csc = _csc(self.row_ptr, self.col_idx, self.shape) if device.type == "cuda" else None
 
     # ---- constructors --------------------------------------------------------------------------------------
     @classmethod
@@ -206,9 +223,15 @@ class SparseLayout:
     def device(self) -> torch.device:
         return self.row_ptr.device
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(row_ptr, col_idx, col_ptr, row_idx, perm): what the ``torch.ops.lowrank`` schemas take."""
-        return self.row_ptr, self.col_idx, self.col_ptr, self.row_idx, self.perm
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """(row_ptr, col_idx, col_ptr, row_idx, perm): what the ``torch.ops.lowrank`` schemas take; the last
+        three are the CSC transpose on CUDA and None elsewhere."""
+        return (self.row_ptr, self.col_idx) + (self.csc if self.csc is not None else (None, None, None))
+
+    def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(col_ptr [in + 1], row_idx [nnz], perm [nnz]) int32, the CSC order (CSC entry k is CSR entry
+        ``perm[k]``); the held copy on CUDA, computed afresh elsewhere."""
+        return self.csc if self.csc is not None else _csc(self.row_ptr, self.col_idx, self.shape)
 
     def rows(self) -> torch.Tensor:
         """Row index of every CSR entry [nnz] int64."""
@@ -219,20 +242,16 @@ class SparseLayout:
         """Sorted row-major positions ``i·in + j`` [nnz] int64 (SLTrain's ``sparse_index``)."""
         return self.rows() * self.shape[1] + self.col_idx.long()
 
-    def index_bytes(self, *, transpose: bool = True) -> int:
-        """Bytes of index storage (CSR, plus the CSC transpose unless ``transpose=False``)."""
-        ts = self.tensors() if transpose else (self.row_ptr, self.col_idx)
-        return sum(t.numel() * t.element_size() for t in ts)
+    def index_bytes(self) -> int:
+        """Bytes of index storage this layout holds (CSR, and the CSC transpose where it keeps one)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
     def to(self, device: torch.device | str) -> "SparseLayout":
         """A copy on ``device`` (the same layout if already there)."""
         if torch.device(device) == self.device:
             return self
-        new = object.__new__(SparseLayout)
-        new.shape, new.kind, new.seed = self.shape, self.kind, self.seed
-        for name in ("row_ptr", "col_idx", "col_ptr", "row_idx", "perm"):
-            setattr(new, name, getattr(self, name).to(device))
-        return new
+        return SparseLayout(self.shape, self.row_ptr.to(device), self.col_idx.to(device), kind=self.kind,
+                            seed=self.seed)
 
     def state(self) -> dict:
         """Checkpoint record: (version, kind, shape, nnz, seed), plus the CSR indices unless "random"
@@ -241,7 +260,7 @@ class SparseLayout:
               "seed": self.seed}
         if self.kind != "random":
             st["row_ptr"] = self.row_ptr.cpu()
-            st["col_idx"] = self.col_idx.cpu()
+            st["col_idx"] = self.col_idx.cpu().to(column_index_dtype(self.shape[1], torch.device("cpu")))
         return st
 
     @classmethod
@@ -265,7 +284,7 @@ class SparseLayout:
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, SparseLayout) and self.shape == other.shape
                 and torch.equal(self.row_ptr.cpu(), other.row_ptr.cpu())
-                and torch.equal(self.col_idx.cpu(), other.col_idx.cpu()))
+                and torch.equal(self.col_idx.cpu().long(), other.col_idx.cpu().long()))
 
     __hash__ = None  # mutable tensors inside: not hashable
 

@@ -9,12 +9,14 @@ from lowrank.reference.sparse_lowrank_linear import flat_indices
 def _check_csc(layout: SparseLayout) -> None:
     out, in_ = layout.shape
     flat = layout.flat_indices()
-    cols = torch.repeat_interleave(torch.arange(in_), layout.col_ptr.long().diff())
+    col_ptr, row_idx, perm = layout.transpose()
+    assert col_ptr.dtype == row_idx.dtype == perm.dtype == torch.int32
+    cols = torch.repeat_interleave(torch.arange(in_), col_ptr.long().diff())
     # CSC entry k is CSR entry perm[k]: same position
-    assert torch.equal(flat[layout.perm.long()], layout.row_idx.long() * in_ + cols)
-    assert torch.equal(torch.sort(layout.perm.long()).values, torch.arange(layout.nnz))
+    assert torch.equal(flat[perm.long()], row_idx.long() * in_ + cols)
+    assert torch.equal(torch.sort(perm.long()).values, torch.arange(layout.nnz))
     # CSC order: by column, rows ascending inside each column
-    key = cols * out + layout.row_idx.long()
+    key = cols * out + row_idx.long()
     assert bool((key.diff() > 0).all()) if layout.nnz > 1 else True
 
 
@@ -29,7 +31,8 @@ def test_random_is_sltrain_support(shape, density, seed):
     assert layout.nnz == nnz and layout.kind == "random" and layout.seed == seed
     assert torch.equal(layout.flat_indices(), expected)
     assert torch.equal(flat_indices(layout), expected)
-    assert layout.row_ptr.dtype == layout.col_idx.dtype == layout.perm.dtype == torch.int32
+    # CPU: int32 row pointers, uint16 columns (in <= 65536), no transpose kept
+    assert layout.row_ptr.dtype == torch.int32 and layout.col_idx.dtype == torch.uint16 and layout.csc is None
     _check_csc(layout)
     assert SparseLayout.from_flat(expected, shape) == layout
 
@@ -59,11 +62,24 @@ def test_state_roundtrip_and_index_bytes():
     assert SparseLayout.from_state(st) == layout
     top = SparseLayout.topk(torch.randn(20, 30), 0.1)
     assert SparseLayout.from_state(top.state()) == top
-    # CSR int32 is half of SLTrain's int64 flat indices (plus the row pointers); CSC adds 8 bytes a nonzero
-    assert layout.index_bytes(transpose=False) == 4 * (900 + 101)
-    assert layout.index_bytes() == 4 * (900 + 101) + 4 * (2 * 900 + 301)
+    # uint16 columns + int32 row pointers: about a quarter of SLTrain's int64 flat indices (issue 6: <= 0.5x)
+    assert layout.index_bytes() == 2 * 900 + 4 * 101 <= 0.5 * 8 * 900
+    assert layout.state()["kind"] == "random" and top.state()["col_idx"].dtype == torch.uint16
+    # a checkpoint written with int32 columns (before they narrowed) loads into the same layout
+    st_top = {**top.state(), "col_idx": top.state()["col_idx"].to(torch.int32)}
+    assert SparseLayout.from_state(st_top) == top and SparseLayout.from_state(st_top).col_idx.dtype == torch.uint16
     with pytest.raises(ValueError, match="layout_version"):
         SparseLayout.from_state({**st, "layout_version": 99})
+
+
+def test_wide_layouts_keep_int32_columns():
+    # past 65536 columns uint16 cannot hold a column: int32, and the kernels read either
+    layout = SparseLayout.from_indices(torch.tensor([0, 0, 1]), torch.tensor([3, 70_000, 65_536]), (2, 70_001))
+    assert layout.col_idx.dtype == torch.int32 and layout.col_idx.tolist() == [3, 70_000, 65_536]
+    edge = SparseLayout.from_indices(torch.tensor([0, 1]), torch.tensor([0, 65_535]), (2, 65_536))
+    assert edge.col_idx.dtype == torch.uint16 and edge.flat_indices().tolist() == [0, 2 * 65_536 - 1]
+    assert layout.index_bytes() == 4 * 3 + 4 * 3
+    assert layout.to("meta").col_idx.dtype == torch.int32 and layout.to("meta").csc is None
 
 
 def test_bad_input():

@@ -239,16 +239,57 @@ def test_bad_input():
             torch.ops.lowrank.sparse_lowrank_linear(x, a, b, v, rp, bad, cp, ri, pm, None)
         with pytest.raises(TypeError, match="row_ptr must be int32"):
             torch.ops.lowrank.sparse_lowrank_linear(x, a, b, v, rp.long(), ci, cp, ri, pm, None)
+        with pytest.raises(TypeError, match="col_idx must be int32 or uint16"):
+            torch.ops.lowrank.sparse_lowrank_linear(x, a, b, v, rp, ci.long(), cp, ri, pm, None)
+        with pytest.raises(ValueError, match="must be given together"):
+            torch.ops.lowrank.sparse_lowrank_linear(x, a, b, v, rp, ci, rp, None, None, None)
+        # int32 columns (what a CUDA layout holds) run on the CPU too
+        y32 = torch.ops.lowrank.sparse_lowrank_linear(x, a, b, v, rp, ci.to(torch.int32), cp, ri, pm, None)
+        torch.testing.assert_close(y32, sparse_lowrank_linear(x, a, b, v, layout))
+        gy, mask = torch.randn_like(y32), [True, True, True, True]
+        r16 = torch.ops.lowrank.sparse_lowrank_linear_backward(gy, x, a, b, v, rp, ci, cp, ri, pm, mask)
+        r32 = torch.ops.lowrank.sparse_lowrank_linear_backward(gy, x, a, b, v, rp, ci.to(torch.int32), cp, ri, pm,
+                                                               mask)
+        for u, w in zip(r16, r32):
+            torch.testing.assert_close(u, w)
 
 
 def test_inputs_not_modified():
     x, a, b, v, layout, bias = _make(5, 9, 11, 2, 0.3, torch.float32, requires_grad=True)
     args = [x, a, b, v, bias]
-    before = [t.detach().clone() for t in args] + [t.clone() for t in layout.tensors()]
+    held = [t for t in layout.tensors() if t is not None]
+    before = [t.detach().clone() for t in args] + [t.clone() for t in held]
     y = sparse_lowrank_linear(x, a, b, v, layout, bias)
     torch.autograd.grad(y.sum(), args)
-    for t, t0 in zip(args + list(layout.tensors()), before):
+    for t, t0 in zip(args + held, before):
         assert torch.equal(t.detach(), t0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the C++ CPU kernel's threading")
+@pytest.mark.parametrize("T", [64, 300], ids=["rows-parallel", "token-parallel"])
+def test_threaded_backward_paths(T):
+    """Enough work that two threads share it: at 64 tokens (one block) the threads split S's rows and each
+    scatters g·S into its own transposed buffer, summed at the end; at 300 tokens they take whole blocks."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, a, b, v, layout, bias = _make(T, 512, 384, 4, 0.5, torch.float32, requires_grad=True)
+        out = sparse_lowrank_linear(x, a, b, v, layout, bias)
+
+        def ref(x_, a_, b_, v_, bias_):
+            return reference(x_, a_, b_, v_, layout, bias_)
+
+        args = [x, a, b, v, bias]
+        assert_matches_oracle(out, ref, args)
+        g = torch.randn_like(out)
+        assert_grads_match_oracle(torch.autograd.grad(out, args, g, retain_graph=True), ref, args, g,
+                                  [0, 1, 2, 3, 4])
+        # only dx (no sampled product) and only d s_values take their own branches of the walk
+        for wrt in ([0], [3]):
+            grads = torch.autograd.grad(out, [args[i] for i in wrt], g, retain_graph=True)
+            assert_grads_match_oracle(grads, ref, args, g, wrt)
+    finally:
+        torch.set_num_threads(prev)
 
 
 _PORTABLE_SCRIPT = """

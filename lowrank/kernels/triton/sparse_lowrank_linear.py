@@ -1,7 +1,8 @@
 """Triton sparse-plus-low-rank linear forward: ``y = (x·Aᵀ)·Bᵀ + b + x·Sᵀ``.
 
 Shapes: x [..., in], lora_a A [r, in], lora_b B [out, r], s_values [nnz] in CSR order of the support (row_ptr
-int32 [out + 1], col_idx int32 [nnz]; the CSC tensors are accepted for the shared schema and unused here),
+int32 [out + 1], col_idx [nnz], uint16 or int32, widened in the kernel; the CSC tensors, present on CUDA, are
+accepted for the shared schema and unused here),
 bias [out] or None; y [..., out]. Implements ``lowrank::sparse_lowrank_linear_triton`` (schema in
 csrc/registration.cpp; fake and autograd in lowrank/ops/sparse_lowrank_linear.py, whose backward is the
 C++/CUDA ``sparse_lowrank_linear_backward``). Importing this module registers the CPU (interpreter) and CUDA
@@ -50,8 +51,8 @@ def _sparse_add_fwd_kernel(
 
 def sparse_lowrank_linear_triton(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                                  s_values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                                 col_ptr: torch.Tensor, row_idx: torch.Tensor, perm: torch.Tensor,
-                                 bias) -> torch.Tensor:
+                                 col_ptr: torch.Tensor | None, row_idx: torch.Tensor | None,
+                                 perm: torch.Tensor | None, bias) -> torch.Tensor:
     """Launch on validated arguments (lowrank.ops.sparse_lowrank_linear checks them); returns [..., out]."""
     in_, out = lora_a.shape[1], lora_b.shape[0]
     x2 = x.reshape(-1, in_)
