@@ -13,6 +13,13 @@ longest of similar-length texts. Reference: Reimers & Gurevych, "Sentence-BERT" 
 
 :class:`EmbeddingReranker` caches document embeddings by document id (checked against a hash of the text) so a
 document shared by many queries' candidate lists is encoded once.
+
+E²Rank pseudo-query (``pseudo_query_docs = m > 0``; Liu et al., "E2Rank: Your Text Embedding can Also be an
+Effective and Efficient Listwise Reranker", 2025): the query is re-encoded together with its first-stage top-m
+documents as one listwise prompt ``q \n [1] d_1 \n ... [m] d_m`` and candidates are scored against that
+embedding, so the query side sees what the first stage found (pseudo-relevance feedback in one extra encoder pass
+per query; the documents' cached embeddings are unchanged). Each d_i is cut to an equal share of the words that fit
+beside the query. E²Rank trains its embedding model for this prompt; an untrained bi-encoder may gain or lose.
 """
 from __future__ import annotations
 
@@ -259,15 +266,27 @@ class EmbeddingReranker:
     Args:
         encoder: an :class:`Encoder`; None loads the default (all-MiniLM-L6-v2).
         query_prefix, doc_prefix: strings prepended before encoding (e.g. "query: " / "passage: " for E5 models).
+        pseudo_query_docs: m > 0 scores candidates against the E²Rank pseudo-query built from the query and its
+            first m candidates in first-stage order (module docstring); 0 (default) uses the query alone.
+        pseudo_query_words: word budget of the pseudo-query's document part (split equally over the m
+            documents); the default, 160, fits beside a short query in MiniLM's 256 tokens.
     """
 
-    def __init__(self, encoder: Encoder | None = None, *, query_prefix: str = "", doc_prefix: str = "") -> None:
+    def __init__(self, encoder: Encoder | None = None, *, query_prefix: str = "", doc_prefix: str = "",
+                 pseudo_query_docs: int = 0, pseudo_query_words: int = 160) -> None:
         if encoder is None:
             encoder = Encoder()
         if not isinstance(encoder, Encoder):
             raise TypeError(f"encoder must be an Encoder, got {type(encoder).__name__}")
         if not isinstance(query_prefix, str) or not isinstance(doc_prefix, str):
             raise TypeError("query_prefix and doc_prefix must be str")
+        for name, value, lo in (("pseudo_query_docs", pseudo_query_docs, 0),
+                                ("pseudo_query_words", pseudo_query_words, 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {value}")
+        self.pseudo_query_docs, self.pseudo_query_words = pseudo_query_docs, pseudo_query_words
         self.encoder, self.query_prefix, self.doc_prefix = encoder, query_prefix, doc_prefix
         self._cache: dict[str, tuple[bytes, torch.Tensor]] = {}
         self.latencies: dict[str, float] = {}
@@ -305,12 +324,24 @@ class EmbeddingReranker:
     def embed_queries(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder.encode([self.query_prefix + t for t in texts])
 
+    def pseudo_query(self, dataset: BeirDataset, query: str, doc_ids: Sequence[str]) -> str:
+        """The E²Rank listwise prompt of ``query`` and the first ``pseudo_query_docs`` of ``doc_ids`` (without
+        ``query_prefix``): ``query \n [1] d_1 \n ... [m] d_m``, each d_i cut to its share of
+        ``pseudo_query_words`` words."""
+        top = list(doc_ids[:self.pseudo_query_docs])
+        if not top:
+            return query
+        share = max(1, self.pseudo_query_words // len(top))
+        parts = [f"[{i + 1}] " + " ".join(dataset.corpus[d].full_text.split()[:share]) for i, d in enumerate(top)]
+        return "\n".join([query, *parts])
+
     def rerank(self, dataset: BeirDataset, candidates: Mapping[str, Any], top_k: int = 100, *,
                show_progress: bool = False) -> Run:
         """Rescore each query's first ``top_k`` candidates; returns ``{qid: [(docid, cosine), ...]}`` best first.
 
         ``candidates`` is a first-stage run (qid -> [(docid, score), ...] best first, or [docid, ...]); queries of
-        ``dataset`` without candidates get an empty list. Ties keep the candidates' order.
+        ``dataset`` without candidates get an empty list. Ties keep the candidates' order. With
+        ``pseudo_query_docs`` = m the query side is the E²Rank pseudo-query of the first m candidates.
         """
         check_rerank_args(dataset, candidates, top_k)
         run: Run = {q: [] for q in dataset.queries}
@@ -327,7 +358,10 @@ class EmbeddingReranker:
                 doc_ids = _candidate_ids(qid, hits, top_k)
                 if doc_ids:
                     docs = self.embed_docs(dataset, doc_ids)
-                    q = self.embed_queries([dataset.queries[qid]])[0]
+                    text = dataset.queries[qid]
+                    if self.pseudo_query_docs:
+                        text = self.pseudo_query(dataset, text, doc_ids)
+                    q = self.embed_queries([text])[0]
                     scores = (docs @ q).tolist()
                     # stable sort: equal scores keep first-stage order
                     order = sorted(range(len(doc_ids)), key=lambda i: -scores[i])

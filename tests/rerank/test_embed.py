@@ -174,3 +174,29 @@ def test_scifact_minilm_rerank_few_queries(scifact, scifact_bm25, encoder):
     assert m_rr.per_query["36"]["ndcg@10"] > m_bm25.per_query["36"]["ndcg@10"], "MiniLM lifts 5152028 above rank 6"
     assert m_rr.mean["ndcg@10"] >= 0.70, m_rr.per_query
     assert rr.stats["docs_encoded"] == len({d for h in cands.values() for d, _ in h})
+
+
+def test_e2rank_pseudo_query(encoder, example, example_runs):
+    bm25, _ = example_runs
+    rr = EmbeddingReranker(encoder, pseudo_query_docs=2, pseudo_query_words=12)
+    qid = "q2"
+    ids = [d for d, _ in bm25[qid]]
+    prompt = rr.pseudo_query(example, example.queries[qid], ids)
+    lines = prompt.split("\n")
+    # the query first, then the first two candidates in first-stage order, each cut to 12 // 2 words
+    assert lines[0] == example.queries[qid] and len(lines) == 3
+    for i, d in enumerate(ids[:2]):
+        words = example.corpus[d].full_text.split()[:6]
+        assert lines[i + 1] == f"[{i + 1}] " + " ".join(words)
+    run = rr.rerank(example, bm25)
+    want = encoder.encode([example.doc_text(d) for d in ids]) @ encoder.encode([prompt])[0]
+    got = dict(run[qid])
+    torch.testing.assert_close(torch.tensor([got[d] for d in ids]), want, rtol=0, atol=1e-5)
+    # m larger than the list: every candidate goes in; m = 0 is the plain query
+    assert rr.pseudo_query(example, "q", ids[:1]).count("\n") == 1
+    assert EmbeddingReranker(encoder).rerank(example, bm25) == EmbeddingReranker(
+        encoder, pseudo_query_docs=0).rerank(example, bm25)
+    with pytest.raises(ValueError, match="pseudo_query_docs must be >= 0"):
+        EmbeddingReranker(encoder, pseudo_query_docs=-1)
+    with pytest.raises(TypeError, match="pseudo_query_words must be an int"):
+        EmbeddingReranker(encoder, pseudo_query_words=1.5)
