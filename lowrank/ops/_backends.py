@@ -68,6 +68,18 @@ def autocast_dtypes(device_type: str) -> Callable[[torch.Tensor], torch.dtype]:
                       and t.device.type == device_type else t.dtype)
 
 
+def check_like_x(op: str, x: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]], *,
+                 dtype_note: str = "all tensors must share one dtype") -> None:
+    """Every ``(name, tensor)`` of ``named`` must have the dtype the kernel sees for ``x`` (under torch.autocast:
+    :func:`autocast_dtypes`) and live on x's device; TypeError / ValueError naming the argument otherwise."""
+    eff = autocast_dtypes(x.device.type)
+    for name, t in named:
+        if eff(t) != eff(x):
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; {dtype_note}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
 def select(op: str, table: Sequence[Backend], requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """Pick the backend that runs ``op`` for this device and dtype.
 

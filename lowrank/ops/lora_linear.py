@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, check_like_x, has_kernel, select, triton_reasons
 from lowrank.reference import lora_linear as _reference
 
 __all__ = ["lora_linear", "BACKENDS"]
@@ -110,13 +110,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling) -> None:
         named.append(("bias", bias))
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"lora_linear: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    eff = autocast_dtypes(x.device.type)
-    for name, t in named[1:]:
-        if eff(t) != eff(x):
-            raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
-                            "all tensors must share one dtype (under torch.autocast: fp64 is not cast)")
-        if t.device != x.device:
-            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {x.device}")
+    check_like_x("lora_linear", x, named[1:],
+                 dtype_note="all tensors must share one dtype (under torch.autocast: fp64 is not cast)")
     out, in_ = weight.shape
     r = lora_a.shape[0]
     if out == 0 or in_ == 0:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, check_like_x, has_kernel, select, triton_reasons
 from lowrank.reference import multi_lora_linear as _reference
 
 __all__ = ["AdapterSegments", "adapter_segments", "multi_lora_linear", "BACKENDS"]
@@ -198,13 +198,7 @@ def _validate(x, weight, bias, lora_a, lora_b) -> None:
         raise TypeError(f"multi_lora_linear: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)] + ([("bias", bias)] if bias is not None
                                                                           else [])
-    eff = autocast_dtypes(x.device.type)  # the dtypes the kernel sees (torch.autocast casts)
-    for name, t in named:
-        if eff(t) != eff(x):
-            raise TypeError(f"multi_lora_linear: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
-                            "all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"multi_lora_linear: {name} is on {t.device} but x is on {x.device}")
+    check_like_x("multi_lora_linear", x, named)
     out, in_ = weight.shape
     n, r = lora_a.shape[:2]
     if out == 0 or in_ == 0:

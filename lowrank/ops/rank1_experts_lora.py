@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, check_like_x, has_kernel, select, triton_reasons
 from lowrank.reference import rank1_experts_lora as _reference
 
 __all__ = ["rank1_experts_lora", "BACKENDS"]
@@ -175,13 +175,7 @@ def _validate(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bi
     elif router is not None or router_bias is not None:
         raise ValueError(f"{_OP}: gate='self' takes no router or router_bias (the scores are the rank "
                          "activations themselves)")
-    eff = autocast_dtypes(x.device.type)  # the dtypes the kernel sees (torch.autocast casts)
-    for name, t in named:
-        if eff(t) != eff(x):
-            raise TypeError(f"{_OP}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors but "
-                            "router_bias must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    check_like_x(_OP, x, named, dtype_note="all tensors but router_bias must share one dtype")
     out, in_ = weight.shape
     E = lora_a.shape[0]
     if out == 0 or in_ == 0:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank.ops._backends import Backend, autocast_dtypes, has_kernel, select, triton_reasons
+from lowrank.ops._backends import Backend, check_like_x, has_kernel, select, triton_reasons
 from lowrank.ops.sparse_layout import SparseLayout
 from lowrank.reference import sparse_lowrank_linear as _reference_impl
 
@@ -117,13 +117,7 @@ def _validate(x, lora_a, lora_b, s_values, s_layout, bias) -> None:
             raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    eff = autocast_dtypes(x.device.type)  # the dtypes the kernel sees (torch.autocast casts)
-    for name, t in named[1:]:
-        if eff(t) != eff(x):
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; all tensors must "
-                            "share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    check_like_x(op, x, named[1:])
     if s_layout.device != x.device:
         raise ValueError(f"{op}: s_layout is on {s_layout.device} but x is on {x.device} "
                          "(use s_layout.to(device))")
