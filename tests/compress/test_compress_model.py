@@ -417,3 +417,42 @@ def test_greedy_floor_bounds_the_distance_from_uniform():
     for bad in (-0.1, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="floor"):
             allocate_greedy(layers, spectra, energies, 0.5, floor=bad)
+
+
+def test_auto_greedy_floor_rule():
+    from lowrank.compress.allocate import auto_greedy_floor
+
+    assert [auto_greedy_floor(b) for b in (0.1, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)] == \
+        [0.75, 0.75, 0.75, 0.85, 0.95, 1.0, 1.0]
+    floors = [auto_greedy_floor(b / 100) for b in range(1, 101)]
+    assert floors == sorted(floors) and all(0.75 <= f <= 1.0 for f in floors)
+    with pytest.raises(ValueError, match="budget"):
+        auto_greedy_floor(1.5)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.9])
+def test_compress_model_default_floor_is_auto(budget):
+    """The default floor is the budget's auto_greedy_floor; an explicit number still works and gives the same
+    allocation when it equals the auto value; bad values name the parameter."""
+    from lowrank.compress.allocate import auto_greedy_floor
+
+    import copy
+
+    calib = _token_batches()
+    torch.manual_seed(0)
+    base = TinyTokenModel(d=48, hidden=96)
+    rep = compress_model(copy.deepcopy(base), budget, calibration=calib, probe_sequences=8,
+                         progress=False)
+    assert rep.details["greedy_floor"] == auto_greedy_floor(budget)
+    assert rep.details["greedy_floor_rule"] == "auto"
+    assert rep.params_after <= budget * rep.params_before
+    fixed = compress_model(copy.deepcopy(base), budget, calibration=calib, probe_sequences=8,
+                           greedy_floor=auto_greedy_floor(budget), progress=False)
+    assert "greedy_floor_rule" not in fixed.details
+    assert [r.rank for r in fixed.layers] == [r.rank for r in rep.layers]
+    plain = compress_model(copy.deepcopy(base), budget, calibration=calib, probe_sequences=8,
+                           greedy_floor=0, progress=False)
+    assert plain.details["greedy_floor"] == 0 and plain.params_after <= budget * plain.params_before
+    for bad in ("Auto", "0.5", -0.1, 1.5, True, None):
+        with pytest.raises(ValueError, match="greedy_floor"):
+            compress_model(TinyTokenModel(), budget, calibration=calib, greedy_floor=bad, progress=False)
