@@ -25,6 +25,9 @@ WARMUP_CALLS = 2
 def pytest_addoption(parser):
     parser.addoption("--threads", type=int, default=DEFAULT_THREADS,
                      help=f"torch.set_num_threads for the benchmarks (default {DEFAULT_THREADS})")
+    parser.addoption("--fp32-matmul-precision", choices=("highest", "high", "medium"), default=None,
+                     help="torch.set_float32_matmul_precision for the whole run (default: torch's, 'highest'); "
+                          "off Intel, 'high' lets lowrank's fp32 LoRA base GEMM run on oneDNN")
 
 
 def pytest_configure(config):
@@ -32,6 +35,9 @@ def pytest_configure(config):
     if threads < 1:
         raise pytest.UsageError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    precision = config.getoption("--fp32-matmul-precision")
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
 
 
 def pytest_collect_file(file_path, parent):

@@ -63,4 +63,13 @@ CpuIsa cpu_isa() {
 
 const char* isa_name(CpuIsa isa) { return kNames[static_cast<int>(isa)]; }
 
+bool is_intel_cpu() {
+#if LOWRANK_ISA_X86
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 }  // namespace lowrank::cpu

@@ -17,4 +17,8 @@ enum class CpuIsa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kA
 CpuIsa cpu_isa();
 const char* isa_name(CpuIsa isa);
 
+// Whether CPUID names an Intel CPU. Not an instruction-set question: it picks between GEMM libraries whose speed
+// depends on the vendor (MKL's fp32 sgemm, which F.linear takes, is Intel's own; on AMD oneDNN's kernels are faster).
+bool is_intel_cpu();
+
 }  // namespace lowrank::cpu

@@ -10,14 +10,17 @@
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
 // B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit, except where the base
-// GEMM is not the one F.linear uses (fp32 at 2–64 tokens of large weights: oneDNN; bf16 at 1–3 tokens: the fused
-// decode pass), which sum in another order. No output-sized temporary is allocated, and the whole layer is one
+// GEMM is not the one F.linear uses (fp32 at 2–64 tokens of large weights on Intel, and off Intel under
+// float32_matmul_precision "high"/"medium": oneDNN; bf16 at 1–3 tokens: the fused decode pass), which sum in
+// another order. No output-sized temporary is allocated, and the whole layer is one
 // dispatcher call, which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) runs the same steps
 // on ATen's double GEMMs (cpu/lowrank_kernels.h keeps its intermediates in fp64).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "common/lora_linear_common.h"
+#include "cpu/isa.h"
 #include "cpu/lowrank_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -27,8 +30,13 @@ namespace {
 
 // oneDNN's linear (mkldnn::_linear_pointwise with a plain dense weight): the bias is added in the GEMM's fp32
 // epilogue, so the result is bit-identical to F.linear in bf16, and no output-sized bias fill precedes the GEMM.
-// Measured on this CPU against F.linear: bf16 0.87–0.88× at 2048×768×{768,3072}, 0.99× at 512/8×4096×4096;
-// fp32 0.62–0.84× at 8–64 tokens of 4096×4096 (MKL's sgemm is slow there), but slower elsewhere.
+// Measured against F.linear on an Intel Xeon (AVX512-BF16, AMX): bf16 0.87–0.88× at 2048×768×{768,3072}, 0.99× at
+// 512/8×4096×4096; fp32 0.62–0.84× at 8–64 tokens of 4096×4096 (MKL's sgemm is slow there), but slower elsewhere.
+// On an AMD EPYC (AVX2), fp32, where MKL does not run its best kernels: 0.57–0.87× at every shape of issue 2's
+// table, 1 thread (0.35–0.88× at 2 threads); but there oneDNN's fp32 sums are less accurate (mean error 1.3–1.8×,
+// max up to 3× MKL's against fp64), so off Intel fp32 takes oneDNN only when the user has allowed faster, less
+// exact fp32 matmuls with torch.set_float32_matmul_precision("high" or "medium"); the default ("highest") keeps
+// F.linear's GEMM and its exact results.
 const c10::OperatorHandle* onednn_linear_op() {
   static const c10::OperatorHandle* op = [] {
     auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
@@ -40,10 +48,14 @@ const c10::OperatorHandle* onednn_linear_op() {
 bool use_onednn_base(const at::Tensor& x2, const at::Tensor& weight) {
   // A strided weight (the W block of LoRALinear's joint buffer) would be copied into a contiguous one on every
   // call; at::mm/addmm read it in place (leading dimension = row stride).
-  if (onednn_linear_op() == nullptr || !cpu::has_avx512_bf16() || !weight.is_contiguous()) return false;
-  if (x2.scalar_type() == at::kBFloat16) return true;
+  if (onednn_linear_op() == nullptr || !weight.is_contiguous()) return false;
+  if (x2.scalar_type() == at::kBFloat16) return cpu::has_avx512_bf16();
+  if (x2.scalar_type() != at::kFloat) return false;
+  if (!cpu::is_intel_cpu()) {
+    return at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+  }
   const int64_t T = x2.size(0);
-  return x2.scalar_type() == at::kFloat && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22);
+  return cpu::has_avx512_bf16() && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22);
 }
 
 // y = x·Wᵀ + b with beta = 0 (a fresh output, written once).

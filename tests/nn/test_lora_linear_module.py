@@ -37,6 +37,22 @@ def test_from_linear_starts_equal_to_linear(bias, dtype, pack):
     assert m.scaling == 2.0
 
 
+def test_fp32_matmul_precision_high_allows_the_faster_base_gemm():
+    """Off Intel, torch.set_float32_matmul_precision("high") lets the fp32 base GEMM run on oneDNN (faster there,
+    summing in another order); the default "highest" keeps F.linear's GEMM: bit-identical to the Linear."""
+    lin = nn.Linear(64, 48)
+    m = LoRALinear.from_linear(lin, r=4, alpha=8)
+    x = torch.randn(3, 8, 64)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.testing.assert_close(m(x), lin(x))
+        torch.set_float32_matmul_precision("highest")
+        torch.testing.assert_close(m(x), lin(x), rtol=0, atol=0)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 def test_pack_policy_follows_dtype_and_keeps_parameters():
     m = _randomize(LoRALinear(33, 17, r=5))
     assert m.pack is None and not m.is_packed  # fp32: unpacked by default
