@@ -42,18 +42,6 @@ def column_index_dtype(in_features: int, device: torch.device) -> torch.dtype:
     return torch.uint16 if device.type == "cpu" and in_features <= _UINT16_COLUMNS else torch.int32
 
 
-def _csc(row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """(col_ptr, row_idx, perm) int32: the CSC order of a CSR support, on its device."""
-    out, in_ = shape
-    rows = torch.repeat_interleave(torch.arange(out, device=row_ptr.device), row_ptr.long().diff())
-    cols = col_idx.long()
-    # A stable sort of the column keeps rows ascending inside each column because CSR order already sorts rows.
-    perm = torch.sort(cols, stable=True).indices
-    counts = torch.bincount(cols, minlength=in_)
-    col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    return col_ptr, rows[perm].to(torch.int32), perm.to(torch.int32)
-
-
 def _check_dim(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"SparseLayout: {name} must be an int, got {type(value).__name__}")
@@ -94,7 +82,16 @@ class SparseLayout:
         device = self.row_ptr.device
         self.col_idx = col_idx.to(device=device, dtype=column_index_dtype(self.shape[1], device)).contiguous()
         self.kind, self.seed = kind, seed
-        self.csc = _csc(self.row_ptr, self.col_idx, self.shape) if device.type == "cuda" else None
+        self.csc = self._build_csc() if device.type == "cuda" else None
+
+    def _build_csc(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(col_ptr, row_idx, perm) int32: the CSC order of this support, on its device."""
+        cols = self.col_idx.long()
+        # A stable sort of the column keeps rows ascending inside each column because CSR order already sorts rows.
+        perm = torch.sort(cols, stable=True).indices
+        counts = torch.bincount(cols, minlength=self.shape[1])
+        col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        return col_ptr, self.rows()[perm].to(torch.int32), perm.to(torch.int32)
 
     # ---- constructors --------------------------------------------------------------------------------------
     @classmethod
@@ -231,7 +228,7 @@ class SparseLayout:
     def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(col_ptr [in + 1], row_idx [nnz], perm [nnz]) int32, the CSC order (CSC entry k is CSR entry
         ``perm[k]``); the held copy on CUDA, computed afresh elsewhere."""
-        return self.csc if self.csc is not None else _csc(self.row_ptr, self.col_idx, self.shape)
+        return self.csc if self.csc is not None else self._build_csc()
 
     def rows(self) -> torch.Tensor:
         """Row index of every CSR entry [nnz] int64."""
