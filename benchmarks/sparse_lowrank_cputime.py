@@ -6,7 +6,10 @@
 the CPU time of one thread is far more stable than 2-thread wall-clock medians, which mostly measure the
 scheduler (bench_sparse_lowrank_linear.py has those, with peak memory). Prints a markdown table.
 
-    python benchmarks/sparse_lowrank_cputime.py [--reps 3]
+    python benchmarks/sparse_lowrank_cputime.py [--reps 3] [--dtypes fp32 bf16] [--shapes 4096x4096 1024x4096]
+        [--densities 0.01 0.03 0.05]
+
+The last column is the floor: the same op with an empty support (the rank-r GEMMs and the bias alone).
 """
 from __future__ import annotations
 
@@ -60,27 +63,34 @@ def calls(mode, x, a, b, v, layout, bias, grad, lin):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    p.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN")
+    p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print("| dtype | mode | W out×in | density | lowrank ms | SLTrain ms | speed-up | nn.Linear ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for out, in_ in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes]
+    print("| dtype | mode | W out×in | density | lowrank ms | SLTrain ms | speed-up | nn.Linear ms | floor ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for out, in_ in (tuple(int(n) for n in s.split("x")) for s in args.shapes):
+        for dtype in dtypes:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(T, in_, generator=g).to(dtype)
             grad = torch.randn(T, out, generator=g).to(dtype)
             lin = torch.nn.Linear(in_, out, dtype=dtype)
-            for density in DENSITIES:
+            for density in args.densities:
                 layout = SparseLayout.random(out, in_, density)
+                empty = SparseLayout.random(out, in_, 0.0)
                 a = (torch.randn(RANK, in_, generator=g) / in_ ** 0.5).to(dtype)
                 b = (torch.randn(out, RANK, generator=g) / RANK ** 0.5).to(dtype)
                 v = (torch.randn(layout.nnz, generator=g) / in_ ** 0.5).to(dtype)
                 bias = torch.randn(out, generator=g).to(dtype)
                 for mode in ("fwd", "fwdbwd"):
                     t = cpu_ms(calls(mode, x, a, b, v, layout, bias, grad, lin), args.reps)
+                    floor = cpu_ms({"floor": calls(mode, x, a, b, v[:0], empty, bias, grad, lin)["lowrank"]},
+                                   args.reps)["floor"]
                     print(f"| {str(dtype)[6:]} | {mode} | {out}×{in_} | {density:.0%} | {t['lowrank']:.1f} | "
-                          f"{t['sltrain']:.1f} | {t['sltrain'] / t['lowrank']:.2f}× | {t['linear']:.1f} |",
-                          flush=True)
+                          f"{t['sltrain']:.1f} | {t['sltrain'] / t['lowrank']:.2f}× | {t['linear']:.1f} | "
+                          f"{floor:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
