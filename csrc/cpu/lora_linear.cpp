@@ -37,18 +37,10 @@ namespace {
 // max up to 3× MKL's against fp64), so off Intel fp32 takes oneDNN only when the user has allowed faster, less
 // exact fp32 matmuls with torch.set_float32_matmul_precision("high" or "medium"); the default ("highest") keeps
 // F.linear's GEMM and its exact results.
-const c10::OperatorHandle* onednn_linear_op() {
-  static const c10::OperatorHandle* op = [] {
-    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
-  }();
-  return op;
-}
-
 bool use_onednn_base(const at::Tensor& x2, const at::Tensor& weight) {
   // A strided weight (the W block of LoRALinear's joint buffer) would be copied into a contiguous one on every
   // call; at::mm/addmm read it in place (leading dimension = row stride).
-  if (onednn_linear_op() == nullptr || !weight.is_contiguous()) return false;
+  if (cpu::onednn_linear_op() == nullptr || !weight.is_contiguous()) return false;
   if (x2.scalar_type() == at::kBFloat16) return cpu::has_avx512_bf16();
   if (x2.scalar_type() != at::kFloat) return false;
   if (!cpu::is_intel_cpu()) {
@@ -61,12 +53,7 @@ bool use_onednn_base(const at::Tensor& x2, const at::Tensor& weight) {
 // y = x·Wᵀ + b with beta = 0 (a fresh output, written once).
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (use_onednn_base(x2, weight)) {
-    torch::jit::Stack stack{x2.contiguous(), weight, bias, std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-    onednn_linear_op()->callBoxed(&stack);
-    return stack.back().toTensor();
-  }
+  if (use_onednn_base(x2, weight)) return cpu::onednn_linear(x2, weight, bias);
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }
 
@@ -102,7 +89,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                              .to(at::kBFloat16);
     return cpu::decode_linear_bf16(x2, weight, bias, u, lora_b, at::kBFloat16).view(out_shape);
   }
-  if (wj.defined() && onednn_linear_op() != nullptr && cpu::augment_supported(x2, lora_a)) {
+  if (wj.defined() && cpu::onednn_linear_op() != nullptr && cpu::augment_supported(x2, lora_a)) {
     // Joint layout (LoRALinear.pack_()): [x | s·x·Aᵀ]·[W | B]ᵀ is the whole layer as one GEMM of K + r, so the
     // rank-r expand runs inside oneDNN's micro-kernel instead of as a separate pass over the output.
     return base_linear(cpu::augment_bf16(x2, lora_a, scaling), wj, bias).view(out_shape);

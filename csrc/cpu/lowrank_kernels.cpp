@@ -25,6 +25,22 @@ constexpr int kDecodeMaxT = 8;  // most tokens the decode kernel takes (see deco
 
 }  // namespace
 
+const c10::OperatorHandle* onednn_linear_op() {
+  static const c10::OperatorHandle* op = [] {
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
+  }();
+  return op;
+}
+
+at::Tensor onednn_linear(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_INTERNAL_ASSERT(onednn_linear_op() != nullptr && w.is_contiguous(), "onednn_linear: unavailable or strided w");
+  torch::jit::Stack stack{x2.contiguous(), w, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                          c10::IValue()};
+  onednn_linear_op()->callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
 bool has_avx512_bf16() {
 #if LOWRANK_HAVE_AVX512_KERNELS
   return cpu_isa() >= CpuIsa::kAvx512Bf16;

@@ -33,16 +33,6 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// oneDNN's linear with the bias in its fp32 epilogue (see cpu/lora_linear.cpp for the measurements behind the
-// choice: bf16 0.87–0.99× F.linear, fp32 faster only at 2–64 tokens of large weights).
-const c10::OperatorHandle* onednn_linear_op() {
-  static const c10::OperatorHandle* op = [] {
-    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
-  }();
-  return op;
-}
-
 // Up to this many bf16 tokens the base layer is the fused AVX512-BF16 decode pass (one read of W).
 constexpr int64_t kDecodeMaxT = 4;
 
@@ -51,15 +41,10 @@ at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std
   const auto dtype = x2.scalar_type();
   if (cpu::has_avx512_bf16() && dtype == at::kBFloat16 && T <= kDecodeMaxT && cpu::decode_supported(x2, weight))
     return cpu::decode_linear_bf16(x2, weight, bias, std::nullopt, std::nullopt, at::kBFloat16);
-  const bool onednn = onednn_linear_op() != nullptr && cpu::has_avx512_bf16() && weight.is_contiguous() && T > 0 &&
+  const bool onednn = cpu::onednn_linear_op() != nullptr && cpu::has_avx512_bf16() && weight.is_contiguous() && T > 0 &&
                       (dtype == at::kBFloat16 ||
                        (dtype == at::kFloat && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22)));
-  if (onednn) {
-    torch::jit::Stack stack{x2.contiguous(), weight, bias, std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-    onednn_linear_op()->callBoxed(&stack);
-    return stack.back().toTensor();
-  }
+  if (onednn) return cpu::onednn_linear(x2, weight, bias);
   const bool has_bias = bias.has_value() && bias->defined();
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }

@@ -45,22 +45,11 @@ using OptTensor = std::optional<at::Tensor>;
 // ---- base GEMM ----------------------------------------------------------------------------------------------
 // bf16 on AVX512-BF16 CPUs: oneDNN's linear (bias in the GEMM epilogue, beta = 0), measured 0.87–0.99× of
 // F.linear for lora_linear on this CPU; elsewhere ATen's addmm / mm.
-const c10::OperatorHandle* onednn_linear() {
-  static const c10::OperatorHandle* op = [] {
-    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    return h.has_value() ? new c10::OperatorHandle(*h) : nullptr;
-  }();
-  return op;
-}
-
 at::Tensor base_gemm(const at::Tensor& x2, const at::Tensor& weight, const OptTensor& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (x2.scalar_type() == at::kBFloat16 && onednn_linear() != nullptr && cpu::has_avx512_bf16() &&
+  if (x2.scalar_type() == at::kBFloat16 && cpu::onednn_linear_op() != nullptr && cpu::has_avx512_bf16() &&
       weight.is_contiguous()) {
-    torch::jit::Stack stack{x2.contiguous(), weight, bias, std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-    onednn_linear()->callBoxed(&stack);
-    return stack.back().toTensor();
+    return cpu::onednn_linear(x2, weight, bias);
   }
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }
@@ -332,8 +321,9 @@ constexpr int64_t kFusedMinT = 5;
 constexpr int64_t kDecodeMaxT = 4;
 
 bool fused_supported(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_b) {
-  return x2.size(0) >= kFusedMinT && x2.scalar_type() == at::kBFloat16 && x2.stride(1) == 1 && onednn_linear() != nullptr &&
-         cpu::has_avx512_bf16() && weight.stride(1) == 1 && lora_b.stride(1) == 1;
+  return x2.size(0) >= kFusedMinT && x2.scalar_type() == at::kBFloat16 && x2.stride(1) == 1 &&
+         cpu::onednn_linear_op() != nullptr && cpu::has_avx512_bf16() && weight.stride(1) == 1 &&
+         lora_b.stride(1) == 1;
 }
 
 at::Tensor augmented(const at::Tensor& x2, const at::Tensor& idx, const at::Tensor& u, int64_t E) {
