@@ -3,27 +3,29 @@
 //   backward: gB = g·B;  dx = gB·A + g·S;  dA = gBᵀ·x;  dB = gᵀ·(x·Aᵀ);  dS[k] = Σ_t g[t, row_k]·x[t, col_k]
 // S lives on a fixed support in CSR order (row_ptr int32; col_idx uint16 where in <= 65536, else int32; the
 // order of s_values), built once per layer by lowrank.ops.SparseLayout. No [out, in] tensor is ever formed, and
-// no transpose of the support is kept: 2 index bytes a nonzero.
+// no transpose of the support is kept between calls: 2 index bytes a nonzero at rest.
 //
 // The rank-r products are skinny GEMMs that MKL/oneDNN already run near their peak, so they stay at::mm. The
 // sparse products are hand-written and share one scheme: tokens are processed in blocks of TB (64, or 16 for few
 // tokens); the block of a dense operand is transposed once into an fp32 (fp64 for fp64) buffer srcT [n][TB], so
 // that each nonzero (i, c, v) becomes TB-wide vector work on row c of that buffer. The buffer is n·TB·4 bytes
 // (1 MiB for n = 4096): it stays in L2 while every nonzero reads it, so each x row is read from memory once per
-// call however many nonzeros use it.
+// call however many nonzeros use it. These kernels are bound by those scattered L2 reads, not by the FMAs.
 //   forward x·Sᵀ: acc[i] += v·xT[c] (a gather; four AVX-512 FMAs for TB = 64); threads split output rows;
-//     row results are gathered in a 16-row tile and added to the [T, out] output row by row.
-//   backward, one walk over the CSR entries (i, c, v) with gT[i] hot: dS[k] = gT[i]·xT[c] (a dot product) and
-//     dxT[c] += v·gT[i] (a scatter into a transposed [in][TB] dx block, added into dx when the block is done).
-//     Scattering through the CSR order is what makes the CSC transpose (8 bytes a nonzero) unnecessary; threads
-//     take whole token blocks, or split rows with a private dx block each when there are few blocks.
+//     row results are gathered in a 16-row tile and added to the [T, out] output row by row. bf16 x on AVX-512:
+//     the block stays in bf16 "pairs" (half the bytes a gather; a shift converts exactly).
+//   backward, dx += g·S: with a few token blocks or more, the same gather on Sᵀ, whose CSC order (col_ptr,
+//     row_idx, permuted values: 6–8 bytes a nonzero) is counting-sorted for the call and dropped after it;
+//     with fewer, a scatter from the CSR walk below (dxT[c] += v·gT[i] into a transposed [in][TB] block, added
+//     into dx when the block is done), which costs a read-modify-write a nonzero but no sort.
+//   backward, dS[k] = gT[i]·xT[c]: one walk over the CSR entries with gT[i] in registers, 16 dot products
+//     reduced at once by a shuffle tree; threads take whole token blocks, or split rows (with a private dx block
+//     each when the walk also scatters dx) when there are few blocks.
 //
 // bf16/fp16 inputs are converted in the transposes and accumulated in fp32; each output element is rounded once
-// after the sparse sum is added to the GEMM result (the AVX-512 forward keeps a bf16 block in bf16 pairs, half the
-// bytes a gather, converted exactly by a shift). The AVX-512 forward and backward walks are hand-written (fp32
-// accumulation, 16 dot products reduced at once); elsewhere the portable loops are compiled per instruction set. The ISA is chosen at run time from CPUID;
-// elsewhere the same loops are compiled for AVX2 or baseline x86-64 (function-level target attributes, one
-// source), so AVX2-only CPUs run a vectorized portable path.
+// after the sparse sum is added to the GEMM result. The AVX-512 kernels are hand-written; the ISA is chosen at
+// run time from CPUID, and elsewhere the portable loops are compiled for AVX2 or baseline x86-64 (function-level
+// target attributes, one source), so AVX2-only CPUs run a vectorized path.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -593,7 +595,8 @@ void pack_pairs(const c10::BFloat16* src, int64_t lds, int64_t tb, int64_t n, ui
 }
 #endif
 
-// y[t, i] += Σ_k val[k]·src[t, idx[k]] over the CSR matrix (ptr, idx, val) with n_rows rows (forward: x·Sᵀ).
+// y[t, i] += Σ_k val[k]·src[t, idx[k]] over a CSR matrix (ptr, idx, val) with n_rows rows: the forward's x·Sᵀ
+// (S's CSR, src = x) and the backward's g·S (S's per-call CSC, src = g).
 // PAIRS (bf16 src on AVX-512): the transposed block is kept in bf16 pairs (pack_pairs_avx512), else in acc_t.
 template <typename scalar_t, typename acc_t, int TB, typename idx_t, bool PAIRS = false>
 void spmm_add(const at::Tensor& src, const int32_t* ptr, const idx_t* idx, const acc_t* val, int64_t n_rows,
