@@ -3,6 +3,8 @@
 Per group ``f"rsvd-fp32-{m}x{n}-k{k}"``, on A = U₀·diag(1/i)·V₀ᵀ (a slowly decaying spectrum, fp32):
   * "lowrank":      ``lowrank.linalg.rsvd(A, k)`` at its defaults (p = max(10, ⌈k/2⌉), n_iter="auto", QR panels).
   * "lowrank-lu":   the same with ``normalizer="lu"``;  "lowrank-cholqr2": with ``normalizer="cholqr2"``.
+  * "lowrank-bf16": ``rsvd(A, k, sketch_dtype=torch.bfloat16, n_iter=2, normalizer="cholqr2")``: the range
+                    finder's products on bf16 matrix hardware, the last product in fp32 (rsvd.SKETCH_DTYPE).
   * "lowrank-p10":  ``rsvd(A, k, oversample=10)``: the same work as torch.svd_lowrank (6 products with A of
                     k + 10 columns), so the two times compare like for like.
   * "torch":        ``torch.svd_lowrank(A, q=k+10, niter=2)`` (its k leading triplets): the peer.
@@ -34,8 +36,8 @@ BENCHMARKED_OPS = set()
 
 FULL = ((4096, 4096, 64), (4096, 4096, 256), (4096, 11008, 128))
 SMOKE = ((512, 512, 16), (512, 512, 64), (512, 1376, 32))
-IMPLS = ("lowrank", "lowrank-lu", "lowrank-cholqr2", "lowrank-p10", "torch", "torch-samework", "sklearn",
-         "fbpca")
+IMPLS = ("lowrank", "lowrank-lu", "lowrank-cholqr2", "lowrank-bf16", "lowrank-p10", "torch", "torch-samework",
+         "sklearn", "fbpca")
 
 
 def _sklearn_randomized_svd():
@@ -74,6 +76,8 @@ def _call(impl: str, a: torch.Tensor, k: int):
         return lambda: rsvd(a, k, normalizer="lu")[:3]
     if impl == "lowrank-cholqr2":
         return lambda: rsvd(a, k, normalizer="cholqr2")[:3]
+    if impl == "lowrank-bf16":
+        return lambda: rsvd(a, k, sketch_dtype=torch.bfloat16, n_iter=2, normalizer="cholqr2")[:3]
     if impl == "lowrank-p10":
         return lambda: rsvd(a, k, oversample=10)[:3]
     if impl in ("torch", "torch-samework"):

@@ -632,7 +632,8 @@ void spmm_add(const at::Tensor& src, const int32_t* ptr, const idx_t* idx, const
     }
 #endif
     if constexpr (!PAIRS) {
-      pack_transposed<scalar_t, acc_t, TB>(s + t0 * lds, lds, tb, n_src, buf.mutable_data_ptr<acc_t>() + slot * n_src * kCol);
+      pack_transposed<scalar_t, acc_t, TB>(s + t0 * lds, lds, tb, n_src,
+                                           buf.mutable_data_ptr<acc_t>() + slot * n_src * kCol);
     }
     if (rows_parallel) {
       parallel_rows(n_rows, ptr[n_rows] * tb, rows);

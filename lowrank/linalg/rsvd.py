@@ -27,6 +27,11 @@ l ≪ min(m, n): the normalizers touch only [m, l] / [n, l] panels. This module 
 the work is GEMM and QR/LU/Cholesky of tall panels, for which ATen already calls the BLAS/LAPACK (MKL, cuBLAS,
 cuSOLVER) floor, so a C++ or Triton kernel would gain nothing here.
 
+Mixed precision (``sketch_dtype=torch.bfloat16``, SKETCH_DTYPE): the products that only find the subspace (the
+sketch and the power iterations) run from a bf16 copy of A on bf16 matrix hardware; the panels and the last
+product Bᵀ = Aᵀ·Q stay in the compute dtype, so the error stays at the fp32 method's level for spectra whose
+tail σ_{k+1} is above ~10⁻³·σ₁, at a fraction of the time where bf16 GEMMs run on AMX or tensor cores.
+
 Exact dispatch: when l ≥ EXACT_FRACTION·min(m, n) or min(m, n) ≤ SMALL_DIM, the randomized method costs about
 as much as a full ``torch.linalg.svd`` and is less accurate, so the exact SVD is used (an operator is then
 formed densely); ``RSVDResult.method`` says which path ran.
@@ -47,7 +52,7 @@ from lowrank.linalg.operators import LinearOperator, aslinearoperator
 from lowrank.reference.rsvd import fix_signs, gaussian_test_matrix
 
 __all__ = ["rsvd", "rsvd_error", "RSVDResult", "NORMALIZERS", "EXACT_FRACTION", "SMALL_DIM", "AUTO_TOL",
-           "default_oversample"]
+           "default_oversample", "SKETCH_DTYPE"]
 
 NORMALIZERS = ("qr", "lu", "cholqr2")
 EXACT_FRACTION = 0.5  # exact SVD when k + oversample >= EXACT_FRACTION * min(m, n) ...
@@ -79,6 +84,21 @@ that the power iteration feeds on shrinks as p/k: measured ‖A − U·S·Vh‖�
 passes over A): at 4096², k=256, 2 threads, p = 128, q = 2 gave 0.998–1.000 in 0.94 s vs p = 10, q = 4 giving
 1.048 in 1.12 s (p = 10, q = 2: 1.14 in 0.69 s). At 512×384 and 384×512, k=64, p = 32, q = 2 gave ≤ 1.003 over
 10 seeds in fp32 and fp64 (k=16: ≤ 1.002).
+"""
+
+
+SKETCH_DTYPE = """sketch_dtype=torch.bfloat16: the range finder on bf16 matrix hardware.
+
+The cost of rsvd is its 2q + 2 products with A. Only the last one, Bᵀ = Aᵀ·Q, decides how exact the result is
+for a given basis Q; the others only find the subspace, and a rounding of A to bf16 (E = A − bf16(A), entries
+within 2⁻⁹ relative) moves what they find by about ‖E‖₂, which for a matrix of independent roundings is
+≈ 2⁻⁹·‖A‖_F·(√m + √n)/√(m·n): 8·10⁻⁵·σ₁ for the 4096² test matrix with σᵢ = 1/i, against σ_{k+1} = 0.015·σ₁
+(k = 64) and 0.004·σ₁ (k = 256). So with the last product in fp32 the error stays at the fp32 method's level
+unless the tail σ_{k+1} is below ~10⁻³·σ₁. Measured with n_iter=2, normalizer="cholqr2" (σᵢ = 1/i, Intel
+Xeon with AMX, 2 threads, benchmarks/bench_rsvd.py "lowrank-bf16"): err/opt 1.000 / 0.996 / 0.999 in 70 / 268 /
+308 ms at 4096² k=64 / 4096² k=256 / 4096×11008 k=128, against torch.svd_lowrank(q=k+10, niter=2) at 1.035 /
+1.135 / 1.072 in 115 / 401 / 409 ms (docs/benchmarks.md, "rsvd with a bf16 sketch"). With n_iter="auto" the settling
+test allows for the estimates' own bf16 noise (±2⁻⁸ relative), so it stops after 2–3 iterations.
 """
 
 
@@ -240,11 +260,16 @@ def _normalize(y: torch.Tensor, normalizer: str, notes: list[str], where: str, f
 
 
 # ------------------------------------------------------------------------------------------------ rsvd
-def _settled(s_prev: torch.Tensor, s_cur: torch.Tensor, k: int) -> bool:
-    """Whether every leading estimate moved by at most AUTO_TOL·σ̂ₖ (AUTO_ITERATIONS); a zero A is settled."""
+def _settled(s_prev: torch.Tensor, s_cur: torch.Tensor, k: int, rel_noise: float = 0.0) -> bool:
+    """Whether every leading estimate moved by at most AUTO_TOL·σ̂ₖ (AUTO_ITERATIONS); a zero A is settled.
+
+    ``rel_noise``: the relative rounding noise of the estimates themselves (a bf16 sketch: each σ̂ᵢ is read
+    from a bf16 product, ±2⁻⁸·σ̂ᵢ), below which a move is not evidence of an unsettled subspace.
+    """
     scale = s_cur[..., k - 1:k].clamp_min(torch.finfo(s_cur.dtype).eps * s_cur[..., :1].clamp_min(
         torch.finfo(s_cur.dtype).tiny))
-    return bool(((s_cur[..., :k] - s_prev[..., :k]).abs() <= AUTO_TOL * scale).all())
+    tol = torch.maximum(AUTO_TOL * scale, rel_noise * s_cur[..., :k])
+    return bool(((s_cur[..., :k] - s_prev[..., :k]).abs() <= tol).all())
 
 
 def _dense(op) -> torch.Tensor:
@@ -258,7 +283,7 @@ def _dense(op) -> torch.Tensor:
 def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None = None,
          n_iter: int | str = "auto",
          normalizer: str = "qr", generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
-         method: str = "auto") -> RSVDResult:
+         method: str = "auto", sketch_dtype: torch.dtype | None = None) -> RSVDResult:
     """Rank-``rank`` truncated SVD A ≈ U·diag(S)·Vh by randomized subspace iteration (module docstring).
 
     Args:
@@ -272,6 +297,12 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
         generator: torch.Generator for the Gaussian test matrix (reproducible results).
         dtype: compute and result dtype (float32 / float64); default A's dtype, float32 for bf16/fp16.
         method: "auto" (exact SVD for small problems: EXACT_FRACTION / SMALL_DIM), "randomized" or "exact".
+        sketch_dtype: dtype of the range finder's products with A (the sketch A·Ω and the power iterations);
+            default None = the compute dtype. ``torch.bfloat16`` runs them from a bf16 copy of A (made once,
+            half of A's fp32 size) on bf16 matrix hardware (AMX / AVX512-BF16 CPUs, tensor cores), while the
+            panels, their normalization and the last product Bᵀ = Aᵀ·Q stay in the compute dtype: see
+            SKETCH_DTYPE. Only worth it where bf16 GEMMs are much faster than fp32 ones (not on AVX2-only
+            CPUs, which emulate them).
 
     Returns:
         RSVDResult(U ``[..., m, k]``, S ``[..., k]``, Vh ``[..., k, n]``, method, notes), S descending, the
@@ -281,7 +312,7 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
         TypeError: A is not a tensor/operator or not real floating; rank/oversample/n_iter not integers;
             bad dtype or generator.
         ValueError: A has < 2 dimensions or non-finite entries; rank outside [1, min(m, n)]; oversample < 0;
-            n_iter < 0; unknown normalizer or method.
+            n_iter < 0; unknown normalizer or method; sketch_dtype not a floating dtype.
     """
     shape, in_dtype = _check_input(a)
     m, n = shape[-2:]
@@ -300,6 +331,10 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     cdtype = _compute_dtype(in_dtype, dtype)
+    if sketch_dtype is not None and sketch_dtype not in (torch.bfloat16, torch.float16, torch.float32,
+                                                         torch.float64):
+        raise TypeError(f"sketch_dtype must be a floating dtype (bfloat16, float16, float32, float64) or "
+                        f"None, got {sketch_dtype!r}")
     op = aslinearoperator(a, cdtype)
     l = min(rank + oversample, m, n)
 
@@ -315,7 +350,19 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
     notes: list[str] = []
     device = getattr(op, "device", torch.device("cpu"))
     omega = gaussian_test_matrix(n, l, cdtype, device, generator)
-    y = _check_finite(op.matmul(omega), "the sketch A·Ω")
+    sketched = sketch_dtype is not None and sketch_dtype != cdtype
+    # Two roundings (of A and of the panel) of the sketch dtype's unit roundoff each, doubled for margin.
+    noise = 4 * torch.finfo(sketch_dtype).eps / 2 if sketched else 0.0
+    if not sketched:
+        sketch_mul, sketch_rmul = op.matmul, op.rmatmul
+    else:
+        sop = aslinearoperator(a, sketch_dtype)
+        def sketch_mul(x):
+            return sop.matmul(x.to(sketch_dtype)).to(cdtype)
+
+        def sketch_rmul(x):
+            return sop.rmatmul(x.to(sketch_dtype)).to(cdtype)
+    y = _check_finite(sketch_mul(omega), "the sketch A·Ω")
     bt, s_prev, done = None, None, n_iter
     for i in range(n_iter):
         if auto_iter and normalizer == "lu":   # the estimates need an orthonormal basis, which LU does not give
@@ -323,17 +370,19 @@ def rsvd(a: torch.Tensor | LinearOperator, rank: int, *, oversample: int | None 
         else:
             q = _normalize(y, normalizer, notes, f"A·Q (iteration {i})", final=False)
         if auto_iter:
-            bt = op.rmatmul(q)
+            bt = sketch_rmul(q)
             s_cur = torch.linalg.svdvals(bt)
-            if i >= AUTO_MIN_ITER and _settled(s_prev, s_cur, rank):
+            if i >= AUTO_MIN_ITER and _settled(s_prev, s_cur, rank, noise):
                 done = i
                 break
             s_prev = s_cur
             z = _normalize(bt, normalizer, notes, f"Aᵀ·Q (iteration {i + 1})", final=False)
             bt = None
         else:
-            z = _normalize(op.rmatmul(q), normalizer, notes, f"Aᵀ·Q (iteration {i + 1})", final=False)
-        y = op.matmul(z)
+            z = _normalize(sketch_rmul(q), normalizer, notes, f"Aᵀ·Q (iteration {i + 1})", final=False)
+        y = sketch_mul(z)
+    if bt is not None and sketched:
+        bt = op.rmatmul(q)           # the last product in the compute dtype: the result is only as exact as B
     if bt is None:
         q = _normalize(y, normalizer, notes, "final", final=True)
         bt = op.rmatmul(q)                                          # Bᵀ = Aᵀ·Q  [..., n, l]

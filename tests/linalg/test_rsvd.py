@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import lowrank
 import lowrank.reference as ref
 from lowrank.linalg import FactoredOperator, LinearOperator, RSVDResult, rsvd, rsvd_error
+from lowrank.linalg.rsvd import AUTO_MAX_ITER
 
 NORMALIZERS = ("qr", "lu", "cholqr2")
 
@@ -384,3 +385,52 @@ def test_auto_iterations_stop_early_on_decaying_spectrum():
 def test_auto_iterations_reject_other_strings():
     with pytest.raises(ValueError, match="n_iter"):
         rsvd(torch.randn(40, 30), 3, n_iter="many")
+
+
+# ------------------------------------------------------------------------------------ bf16 sketch
+@pytest.mark.parametrize("normalizer", ["qr", "cholqr2"])
+@pytest.mark.parametrize("n_iter", ["auto", 2])
+@pytest.mark.parametrize("k", [16, 64])
+def test_bf16_sketch_near_optimal(normalizer, n_iter, k):
+    # The range finder in bf16, the last product Aᵀ·Q in fp32: the error stays within 1.02× optimal.
+    a, s = decaying(512, 384, dtype=torch.float32)
+    worst = 0.0
+    for seed in range(3):
+        res = rsvd(a, k, sketch_dtype=torch.bfloat16, n_iter=n_iter, normalizer=normalizer,
+                   generator=gen(seed))
+        assert res.method == "randomized"
+        assert res.U.dtype == res.S.dtype == res.Vh.dtype == torch.float32
+        if n_iter == "auto":    # the estimates' bf16 noise must not keep the iteration from settling
+            assert res.n_iter < AUTO_MAX_ITER
+        worst = max(worst, spectral_error(a, res).item() / s[k].item())
+    assert worst <= 1.02, f"‖A − USVh‖₂ / σ_(k+1) = {worst:.4f}"
+
+
+def test_bf16_sketch_factored_operator_and_batch():
+    a, s = decaying(300, 200, dtype=torch.float32, batch=(2,))
+    res = rsvd(a, 8, sketch_dtype=torch.bfloat16, generator=gen(0))
+    assert (spectral_error(a, res) / s[..., 8]).max().item() <= 1.02
+    f = FactoredOperator(a[0], torch.eye(200))
+    res_f = rsvd(f, 8, sketch_dtype=torch.bfloat16, generator=gen(0))
+    assert (spectral_error(a[0], res_f) / s[8]).item() <= 1.02
+
+
+def test_sketch_dtype_equal_to_compute_dtype_is_a_no_op():
+    a, _ = decaying(200, 150, dtype=torch.float32)
+    base = rsvd(a, 5, generator=gen(3))
+    same = rsvd(a, 5, generator=gen(3), sketch_dtype=torch.float32)
+    for x, y in zip(base, same):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("bad", [torch.int32, "bfloat16", torch.complex64])
+def test_bad_sketch_dtype(bad):
+    with pytest.raises(TypeError, match="sketch_dtype"):
+        rsvd(torch.randn(40, 30), 3, sketch_dtype=bad)
+
+
+def test_bf16_sketch_non_finite_input():
+    a = torch.randn(200, 150)
+    a[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        rsvd(a, 3, method="randomized", sketch_dtype=torch.bfloat16)
