@@ -680,16 +680,17 @@ void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* 
   const int64_t dx_slots = dx == nullptr ? 0 : by_tokens ? slots : std::max<int64_t>(1, at::get_num_threads());
   const auto opts = g2.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor gbuf = at::empty({slots * out * TB}, opts);
-  const at::Tensor xbuf = dv != nullptr ? at::empty({slots * in * TB}, opts) : at::Tensor();
+  // dS alone of a bf16 call on AVX-512: the x block in bf16 pairs (dv_rows_pairs_avx512), half the buffer.
+  const bool pairs = std::is_same_v<scalar_t, c10::BFloat16> && TB % 32 == 0 && dx == nullptr && SLR_X86 &&
+                     cpu_isa() == Isa::kAvx512;
+  const int64_t xcol = pairs ? TB / 2 : TB;  // buffer elements per column of a block
+  const at::Tensor xbuf = dv != nullptr ? at::empty({slots * in * xcol}, opts) : at::Tensor();
   // Zero once here: every add into dx clears the slice it read, so a buffer is all zeros between blocks.
   const at::Tensor dxbuf = dx != nullptr ? at::zeros({dx_slots * in * TB}, opts) : at::Tensor();
   const at::Tensor dv_part = dv != nullptr && slots > 1 ? at::zeros({slots - 1, nnz}, opts) : at::Tensor();
   const scalar_t* g = g2.const_data_ptr<scalar_t>();
   const scalar_t* x = x2.const_data_ptr<scalar_t>();
   const int64_t ldg = g2.stride(0), ldx = x2.stride(0), ldo = dx != nullptr ? dx->stride(0) : 0;
-  // dS alone of a bf16 call on AVX-512: the x block in bf16 pairs (dv_rows_pairs_avx512).
-  const bool pairs = std::is_same_v<scalar_t, c10::BFloat16> && TB % 32 == 0 && dx == nullptr && SLR_X86 &&
-                     cpu_isa() == Isa::kAvx512;
   auto walk = [&](const acc_t* gT, const acc_t* xT, acc_t* dxT, acc_t* d, int64_t r0, int64_t r1) {
 #if SLR_X86
     if constexpr (std::is_same_v<acc_t, float> && TB % 32 == 0) {
@@ -713,7 +714,7 @@ void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* 
     acc_t* xT = nullptr;
     acc_t* d = nullptr;
     if (dv != nullptr) {
-      xT = xbuf.mutable_data_ptr<acc_t>() + slot * in * TB;
+      xT = xbuf.mutable_data_ptr<acc_t>() + slot * in * xcol;
 #if SLR_X86
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && TB % 32 == 0) {
         if (pairs) pack_pairs<TB>(x + t0 * ldx, ldx, tb, in, reinterpret_cast<uint32_t*>(xT));
@@ -751,7 +752,10 @@ void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* 
   };
   if (by_tokens) {
     for_token_blocks(n_blocks, slots, [&](int64_t blk, int64_t slot) { block(blk, slot, false); });
-    if (dv_part.defined()) dv->add_(dv_part.sum(0));
+    // Row by row into dv: sum(0) would hold one more [nnz] temporary at the step's memory peak.
+    if (dv_part.defined()) {
+      for (int64_t p = 0; p < dv_part.size(0); ++p) dv->add_(dv_part[p]);
+    }
   } else {
     for (int64_t blk = 0; blk < n_blocks; ++blk) block(blk, 0, true);
   }
@@ -765,8 +769,8 @@ void sparse_backward(const at::Tensor& g2, const at::Tensor& x2, const int32_t* 
 // 1 thread: 131 -> ~60 ms fp32). The sort costs ~2 passes over the entries: worth it from a few token blocks.
 constexpr int64_t kCscMinBlocks = 4;
 
-template <typename acc_t, typename idx_t, typename ridx_t>
-void build_csc(const int32_t* row_ptr, const idx_t* col_idx, const acc_t* val, int64_t out, int64_t in,
+template <typename val_t, typename acc_t, typename idx_t, typename ridx_t>
+void build_csc(const int32_t* row_ptr, const idx_t* col_idx, const val_t* val, int64_t out, int64_t in,
                int32_t* col_ptr, ridx_t* row_idx, acc_t* val_csc) {
   std::fill_n(col_ptr, in + 1, 0);
   const int64_t nnz = row_ptr[out];
@@ -778,15 +782,16 @@ void build_csc(const int32_t* row_ptr, const idx_t* col_idx, const acc_t* val, i
     for (int32_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
       const int32_t pos = next[col_idx[k]]++;
       row_idx[pos] = static_cast<ridx_t>(i);
-      val_csc[pos] = val[k];
+      val_csc[pos] = static_cast<acc_t>(val[k]);
     }
   }
 }
 
 // dx[t, c] += Σ_i g[t, i]·S[i, c] as the gather x·Sᵀ of the forward with S's CSC order in place of the CSR.
+// val: s_values in their own dtype, converted to acc_t as they are permuted (no separate converted copy).
 template <typename scalar_t, typename acc_t, typename idx_t>
-void dx_add_csc(const at::Tensor& g2, const int32_t* row_ptr, const idx_t* col_idx, const acc_t* val, int64_t in,
-                at::Tensor& dx) {
+void dx_add_csc(const at::Tensor& g2, const int32_t* row_ptr, const idx_t* col_idx, const scalar_t* val,
+                int64_t in, at::Tensor& dx) {
   const int64_t out = g2.size(1), nnz = row_ptr[out];
   const at::Tensor col_ptr = at::empty({in + 1}, g2.options().dtype(at::kInt));
   const at::Tensor vt = at::empty({nnz}, g2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -877,15 +882,19 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_bac
   at::Tensor gb;  // g·B [T, r], shared by dx and dA
   if (output_mask[0] || output_mask[1]) gb = at::mm(g2, lora_b);
   if (output_mask[0]) dx = at::mm(gb, lora_a);     // fresh [T, in]; the sparse g·S is added in place below
-  // The reductions over tokens with the small [T, r] operand transposed into a contiguous [r, T] copy first: oneDNN
-  // and MKL run r×T·T×n faster than a transposed view (measured, 2048 tokens, 4096 wide, r = 128, 1 thread: bf16
-  // 3.4 vs 4.7 ms, fp32 16.4 vs 17.9 ms; dB as (hᵀ·g)ᵀ: bf16 4.6 vs 5.7 ms, fp32 16.7 vs 20.3 ms).
-  if (output_mask[1]) da = at::mm(gb.t().contiguous(), x2);
-  if (output_mask[2]) db = at::mm(at::mm(x2, lora_a.t()).t().contiguous(), g2).t().contiguous();
+  // (Not kept: contiguous [r, T] copies of gB and h before these products, 1–4 ms faster at 2048 × 4096 × 128
+  // but with 1 MB more of oneDNN scratch at the step's memory peak, over issue 6's 0.3× at 1024×4096.)
+  // dB before dA: the larger dA [r, in] is then not held while dB's GEMM has its scratch.
+  if (output_mask[2]) db = at::mm(g2.t(), at::mm(x2, lora_a.t()));
+  if (output_mask[1]) da = at::mm(gb.t(), x2);
+  gb = at::Tensor();  // not needed past here: freed before the sparse phase's buffers are allocated
+  // Transients are allocated where they are needed and dropped before the next phase (the step's peak memory
+  // beyond its activations is one of issue 6's measures): the CSC order lives only during the dx gather, and the
+  // converted values and the dS accumulator only during the walk.
+  const auto acc_dtype = acc_type(x.scalar_type());
   at::Tensor dv_acc;
-  if (output_mask[3]) dv_acc = at::zeros({nnz}, s_values.options().dtype(acc_type(x.scalar_type())));
   if (T > 0 && nnz > 0 && (output_mask[0] || output_mask[3])) {
-    const at::Tensor val = output_mask[0] ? s_values.to(acc_type(x.scalar_type())).contiguous() : at::Tensor();
+    const at::Tensor sv = s_values.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_lowrank_linear_bwd", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       dispatch_index(ci, [&](auto idx_tag) {
@@ -894,10 +903,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_bac
         const bool csc = output_mask[0] && (T + 63) / 64 >= kCscMinBlocks;
         if (csc) {
           dx_add_csc<scalar_t, acc_t>(g2, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<idx_t>(),
-                                      val.const_data_ptr<acc_t>(), in, *dx);
+                                      sv.const_data_ptr<scalar_t>(), in, *dx);
           if (!output_mask[3]) return;
         }
         const bool walk_dx = output_mask[0] && !csc;
+        const at::Tensor val = walk_dx ? sv.to(acc_dtype) : at::Tensor();
+        if (output_mask[3]) dv_acc = at::zeros({nnz}, s_values.options().dtype(acc_dtype));
         auto run = [&](auto tb_tag) {
           constexpr int TB = decltype(tb_tag)::value;
           sparse_backward<scalar_t, acc_t, TB, idx_t>(g2, x2, rp.const_data_ptr<int32_t>(),
@@ -906,16 +917,20 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> sparse_lowrank_linear_bac
                                                       walk_dx ? &*dx : nullptr,
                                                       output_mask[3] ? &dv_acc : nullptr);
         };
+        // 32-token blocks past 16 tokens: as fast as 64 (measured, 4096², 1–5%, 1 thread) with half the per-thread
+        // transposed buffers, which sit at the step's memory peak.
         if (T <= 16) {
           run(std::integral_constant<int, 16>{});
         } else {
-          run(std::integral_constant<int, 64>{});
+          run(std::integral_constant<int, 32>{});
         }
       });
     });
   }
   if (output_mask[0]) dx = dx->view(x.sizes());
-  if (output_mask[3]) dv = dv_acc.to(s_values.scalar_type());
+  if (output_mask[3]) {
+    dv = dv_acc.defined() ? dv_acc.to(s_values.scalar_type()) : at::zeros({nnz}, s_values.options());
+  }
   return {dx, da, db, dv};
 }
 
