@@ -260,41 +260,53 @@ SLR_AVX512 void add_tile_avx512(const float (*tile)[TB], int64_t nr, out_t* out,
   }
 }
 
-// fp32: TB/16 registers per row accumulator; two accumulator sets (even/odd nonzeros) so that the FMA chains
-// hide the FMA latency even for TB = 16. fp64 runs the portable loops compiled for AVX-512.
+// The row loop of the AVX-512 gathers: out[j, i] += Σ_k val[k]·srcT[idx[k]][j] for rows [r0, r1). Entry k is
+// added into TB/16 fp32 registers by add(a, broadcast val[k], k) (a functor over the block's layout); two
+// accumulator sets (even/odd entries) so that the FMA chains hide the FMA latency even for TB = 16. Row sums are
+// gathered in a 16-row tile and added to the [T, out] output row by row.
+template <int TB, typename out_t, typename Add>
+SLR_AVX512 SLR_INLINE void gather_rows_avx512(const int32_t* ptr, const float* val, int64_t r0, int64_t r1,
+                                              out_t* out, int64_t ldo, int64_t tb, const Add& add) {
+  constexpr int NV = TB / 16;
+  alignas(64) float tile[kRowTile][TB];
+  for (int64_t rb = r0; rb < r1; rb += kRowTile) {
+    const int64_t nr = std::min(kRowTile, r1 - rb);
+    for (int64_t r = 0; r < nr; ++r) {
+      __m512 a0[NV], a1[NV];
+      for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
+      int32_t k = ptr[rb + r];
+      const int32_t ke = ptr[rb + r + 1];
+      for (; k + 1 < ke; k += 2) {
+        add(a0, _mm512_set1_ps(val[k]), k);
+        add(a1, _mm512_set1_ps(val[k + 1]), k + 1);
+      }
+      if (k < ke) add(a0, _mm512_set1_ps(val[k]), k);
+      for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r] + 16 * v, _mm512_add_ps(a0[v], a1[v]));
+    }
+    add_tile_avx512<TB>(tile, nr, out + rb, ldo, tb);
+  }
+}
+
+// fp32 block srcT [n][TB]: one FMA per 16 tokens.
+template <int TB, typename idx_t>
+struct AddFp32Row {
+  const float* srcT;
+  const idx_t* idx;
+  SLR_AVX512 SLR_INLINE void operator()(__m512* a, __m512 v, int32_t k) const {
+    const float* s = srcT + static_cast<int64_t>(idx[k]) * TB;
+    for (int q = 0; q < TB / 16; ++q) a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(s + 16 * q), a[q]);
+  }
+};
+
+// fp32 gather; fp64 runs the portable loops compiled for AVX-512.
 template <typename acc_t, int TB, typename out_t, typename idx_t>
-SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const idx_t* idx, const acc_t* val, const acc_t* srcT,
-                                 int64_t r0, int64_t r1, out_t* out, int64_t ldo, int64_t tb) {
+SLR_AVX512 SLR_NO_JAM void spmm_rows_avx512(const int32_t* ptr, const idx_t* idx, const acc_t* val,
+                                            const acc_t* srcT, int64_t r0, int64_t r1, out_t* out, int64_t ldo,
+                                            int64_t tb) {
   if constexpr (!std::is_same_v<acc_t, float>) {
     spmm_rows_impl<acc_t, TB>(ptr, idx, val, srcT, r0, r1, out, ldo, tb);
   } else {
-    constexpr int NV = TB / 16;
-    alignas(64) float tile[kRowTile][TB];
-    for (int64_t rb = r0; rb < r1; rb += kRowTile) {
-      const int64_t nr = std::min(kRowTile, r1 - rb);
-      for (int64_t r = 0; r < nr; ++r) {
-        __m512 a0[NV], a1[NV];
-        for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
-        int32_t k = ptr[rb + r];
-        const int32_t ke = ptr[rb + r + 1];
-        for (; k + 1 < ke; k += 2) {
-          const __m512 v0 = _mm512_set1_ps(val[k]), v1 = _mm512_set1_ps(val[k + 1]);
-          const float* s0 = srcT + static_cast<int64_t>(idx[k]) * TB;
-          const float* s1 = srcT + static_cast<int64_t>(idx[k + 1]) * TB;
-          for (int v = 0; v < NV; ++v) {
-            a0[v] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s0 + 16 * v), a0[v]);
-            a1[v] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(s1 + 16 * v), a1[v]);
-          }
-        }
-        if (k < ke) {
-          const __m512 v0 = _mm512_set1_ps(val[k]);
-          const float* s0 = srcT + static_cast<int64_t>(idx[k]) * TB;
-          for (int v = 0; v < NV; ++v) a0[v] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(s0 + 16 * v), a0[v]);
-        }
-        for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r] + 16 * v, _mm512_add_ps(a0[v], a1[v]));
-      }
-      add_tile_avx512<TB>(tile, nr, out + rb, ldo, tb);
-    }
+    gather_rows_avx512<TB>(ptr, val, r0, r1, out, ldo, tb, AddFp32Row<TB, idx_t>{srcT, idx});
   }
 }
 
@@ -329,46 +341,28 @@ SLR_AVX512 void pack_pairs_avx512(const c10::BFloat16* src, int64_t lds, int64_t
   }
 }
 
-// spmm_rows_avx512 on a pairs block: out[j, i] += Σ_k val[k]·x[j, idx[k]], fp32 accumulation.
+// bf16 pairs block srcT [n][TB/2] (pack_pairs_avx512): per 32 tokens one load, a shift and a mask, two FMAs.
+template <int TB, typename idx_t>
+struct AddPairsRow {
+  const uint32_t* srcT;
+  const idx_t* idx;
+  SLR_AVX512 SLR_INLINE void operator()(__m512* a, __m512 v, int32_t k) const {
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const uint32_t* s = srcT + static_cast<int64_t>(idx[k]) * (TB / 2);
+    for (int l = 0; l < TB / 32; ++l) {
+      const __m512i w = _mm512_loadu_si512(s + 16 * l);
+      a[2 * l] = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), a[2 * l]);
+      a[2 * l + 1] = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask)), a[2 * l + 1]);
+    }
+  }
+};
+
+// The gather on a pairs block: out[j, i] += Σ_k val[k]·x[j, idx[k]], fp32 accumulation.
 template <int TB, typename idx_t>
 SLR_AVX512 SLR_NO_JAM void spmm_rows_pairs_avx512(const int32_t* ptr, const idx_t* idx, const float* val,
                                                   const uint32_t* srcT, int64_t r0, int64_t r1, c10::BFloat16* out,
                                                   int64_t ldo, int64_t tb) {
-  constexpr int NV = TB / 16, NL = TB / 32;
-  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  alignas(64) float tile[kRowTile][TB];
-  for (int64_t rb = r0; rb < r1; rb += kRowTile) {
-    const int64_t nr = std::min(kRowTile, r1 - rb);
-    for (int64_t r = 0; r < nr; ++r) {
-      __m512 a0[NV], a1[NV];
-      for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm512_setzero_ps();
-      int32_t k = ptr[rb + r];
-      const int32_t ke = ptr[rb + r + 1];
-      for (; k + 1 < ke; k += 2) {
-        const __m512 v0 = _mm512_set1_ps(val[k]), v1 = _mm512_set1_ps(val[k + 1]);
-        const uint32_t* s0 = srcT + static_cast<int64_t>(idx[k]) * (TB / 2);
-        const uint32_t* s1 = srcT + static_cast<int64_t>(idx[k + 1]) * (TB / 2);
-        for (int l = 0; l < NL; ++l) {
-          const __m512i w0 = _mm512_loadu_si512(s0 + 16 * l), w1 = _mm512_loadu_si512(s1 + 16 * l);
-          a0[2 * l] = _mm512_fmadd_ps(v0, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0[2 * l]);
-          a0[2 * l + 1] = _mm512_fmadd_ps(v0, _mm512_castsi512_ps(_mm512_and_si512(w0, hi_mask)), a0[2 * l + 1]);
-          a1[2 * l] = _mm512_fmadd_ps(v1, _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), a1[2 * l]);
-          a1[2 * l + 1] = _mm512_fmadd_ps(v1, _mm512_castsi512_ps(_mm512_and_si512(w1, hi_mask)), a1[2 * l + 1]);
-        }
-      }
-      if (k < ke) {
-        const __m512 v0 = _mm512_set1_ps(val[k]);
-        const uint32_t* s0 = srcT + static_cast<int64_t>(idx[k]) * (TB / 2);
-        for (int l = 0; l < NL; ++l) {
-          const __m512i w0 = _mm512_loadu_si512(s0 + 16 * l);
-          a0[2 * l] = _mm512_fmadd_ps(v0, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0[2 * l]);
-          a0[2 * l + 1] = _mm512_fmadd_ps(v0, _mm512_castsi512_ps(_mm512_and_si512(w0, hi_mask)), a0[2 * l + 1]);
-        }
-      }
-      for (int v = 0; v < NV; ++v) _mm512_store_ps(tile[r] + 16 * v, _mm512_add_ps(a0[v], a1[v]));
-    }
-    add_tile_avx512<TB>(tile, nr, out + rb, ldo, tb);
-  }
+  gather_rows_avx512<TB>(ptr, val, r0, r1, out, ldo, tb, AddPairsRow<TB, idx_t>{srcT, idx});
 }
 
 // 16 vectors p[0..15] -> one vector whose lane q is the sum of p[q]'s lanes: a shuffle tree (45 instructions for
@@ -386,6 +380,28 @@ SLR_AVX512 inline __m512 reduce16(const __m512 p[16]) {
   const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
   const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// Entries [k0, ke) of a row, 16 at a time: p[q] = entry(k) (its dot product; entry may also scatter), and with DV
+// dv[k] += p[q] through one reduce16 a chunk. Whole chunks are unrolled with a compile-time count so that p stays
+// in registers (a runtime count puts it on the stack); the last chunk is masked.
+template <bool DV, typename Entry>
+SLR_AVX512 SLR_INLINE void entry_chunks(int32_t k0, int32_t ke, float* dv, const Entry& entry) {
+  for (; k0 + 16 <= ke; k0 += 16) {
+    __m512 p[16];
+#pragma GCC unroll 16
+    for (int q = 0; q < 16; ++q) p[q] = entry(k0 + q);
+    if constexpr (DV) _mm512_storeu_ps(dv + k0, _mm512_add_ps(_mm512_loadu_ps(dv + k0), reduce16(p)));
+  }
+  if (k0 < ke) {
+    const int n = ke - k0;
+    __m512 p[16];
+    for (int q = 0; q < 16; ++q) p[q] = q < n ? entry(k0 + q) : _mm512_setzero_ps();
+    if constexpr (DV) {
+      const __mmask16 m = tail_mask(n);
+      _mm512_mask_storeu_ps(dv + k0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv + k0), reduce16(p)));
+    }
+  }
 }
 
 // fp32 backward walk (see backward_rows_impl): the row's gT[i] in TB/16 registers; dot products of 16 nonzeros
@@ -419,24 +435,7 @@ SLR_AVX512 SLR_NO_JAM void backward_rows_avx512(const int32_t* ptr, const idx_t*
         }
         return d;
       };
-      int32_t k0 = ptr[i];
-      const int32_t ke = ptr[i + 1];
-      // Whole chunks with a compile-time count, so that p stays in registers (a runtime count puts it on the stack).
-      for (; k0 + 16 <= ke; k0 += 16) {
-        __m512 p[16];
-#pragma GCC unroll 16
-        for (int q = 0; q < 16; ++q) p[q] = entry(k0 + q);
-        if constexpr (DV) _mm512_storeu_ps(dv + k0, _mm512_add_ps(_mm512_loadu_ps(dv + k0), reduce16(p)));
-      }
-      if (k0 < ke) {
-        const int n = ke - k0;
-        __m512 p[16];
-        for (int q = 0; q < 16; ++q) p[q] = q < n ? entry(k0 + q) : _mm512_setzero_ps();
-        if constexpr (DV) {
-          const __mmask16 m = tail_mask(n);
-          _mm512_mask_storeu_ps(dv + k0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv + k0), reduce16(p)));
-        }
-      }
+      entry_chunks<DV>(ptr[i], ptr[i + 1], dv, entry);
     }
   }
 }
@@ -461,22 +460,7 @@ SLR_AVX512 SLR_NO_JAM void dv_rows_pairs_avx512(const int32_t* ptr, const idx_t*
       }
       return _mm512_add_ps(d0, d1);
     };
-    int32_t k0 = ptr[i];
-    const int32_t ke = ptr[i + 1];
-    // Whole chunks with a compile-time count, so that p stays in registers (a runtime count puts it on the stack).
-    for (; k0 + 16 <= ke; k0 += 16) {
-      __m512 p[16];
-#pragma GCC unroll 16
-      for (int q = 0; q < 16; ++q) p[q] = dot(k0 + q);
-      _mm512_storeu_ps(dv + k0, _mm512_add_ps(_mm512_loadu_ps(dv + k0), reduce16(p)));
-    }
-    if (k0 < ke) {
-      const int n = ke - k0;
-      __m512 p[16];
-      for (int q = 0; q < 16; ++q) p[q] = q < n ? dot(k0 + q) : _mm512_setzero_ps();
-      const __mmask16 m = tail_mask(n);
-      _mm512_mask_storeu_ps(dv + k0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv + k0), reduce16(p)));
-    }
+    entry_chunks<true>(ptr[i], ptr[i + 1], dv, dot);
   }
 }
 
