@@ -8,38 +8,26 @@
 namespace lowrank {
 namespace {
 
-using LoraSig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                           const at::Tensor&, double);
+using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                       const at::Tensor&, double);
+// x, weight, bias, lora_a, lora_b; not the scaling.
+constexpr uint64_t kCast = autocast::positions({0, 1, 2, 3, 4});
+constexpr char kOp[] = "lowrank::lora_linear";
+constexpr char kTriton[] = "lowrank::lora_linear_triton";
 
-template <c10::DeviceType Dev>
-at::Tensor lora_linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::lora_linear", "").typed<LoraSig>();
-  const autocast::Region<Dev> c;
-  return op.call(c(x), c(weight), c(bias), c(lora_a), c(lora_b), scaling);
-}
-
-template <c10::DeviceType Dev>
-at::Tensor lora_linear_triton_autocast(const at::Tensor& x, const at::Tensor& weight,
-                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                       const at::Tensor& lora_b, double scaling) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("lowrank::lora_linear_triton", "").typed<LoraSig>();
-  const autocast::Region<Dev> c;
-  return op.call(c(x), c(weight), c(bias), c(lora_a), c(lora_b), scaling);
-}
+template <c10::DeviceType Dev, const char* Name>
+using Rule = autocast::Rule<Dev, Name, kCast, Sig>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) {
-  m.impl("lora_linear", &lora_linear_autocast<c10::DeviceType::CPU>);
-  m.impl("lora_linear_triton", &lora_linear_triton_autocast<c10::DeviceType::CPU>);
+  m.impl("lora_linear", &Rule<c10::DeviceType::CPU, kOp>::call);
+  m.impl("lora_linear_triton", &Rule<c10::DeviceType::CPU, kTriton>::call);
 }
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) {
-  m.impl("lora_linear", &lora_linear_autocast<c10::DeviceType::CUDA>);
-  m.impl("lora_linear_triton", &lora_linear_triton_autocast<c10::DeviceType::CUDA>);
+  m.impl("lora_linear", &Rule<c10::DeviceType::CUDA, kOp>::call);
+  m.impl("lora_linear_triton", &Rule<c10::DeviceType::CUDA, kTriton>::call);
 }
 
 }  // namespace lowrank

@@ -10,29 +10,24 @@ namespace {
 using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const std::optional<at::Tensor>&);
+// x, weight, bias, lora_a, lora_b; not scaling, perm, offsets, ranks.
+constexpr uint64_t kCast = autocast::positions({0, 1, 2, 3, 4});
+constexpr char kOp[] = "lowrank::multi_lora_linear";
+constexpr char kTriton[] = "lowrank::multi_lora_linear_triton";
 
-template <c10::DeviceType Dev, bool Triton>
-at::Tensor multi_lora_linear_autocast(const at::Tensor& x, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-                                      const at::Tensor& lora_b, const at::Tensor& scaling, const at::Tensor& perm,
-                                      const at::Tensor& offsets, const std::optional<at::Tensor>& ranks) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow(Triton ? "lowrank::multi_lora_linear_triton" : "lowrank::multi_lora_linear", "")
-                             .typed<Sig>();
-  const autocast::Region<Dev> c;
-  return op.call(c(x), c(weight), c(bias), c(lora_a), c(lora_b), scaling, perm, offsets, ranks);
-}
+template <c10::DeviceType Dev, const char* Name>
+using Rule = autocast::Rule<Dev, Name, kCast, Sig>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) {
-  m.impl("multi_lora_linear", &multi_lora_linear_autocast<c10::DeviceType::CPU, false>);
-  m.impl("multi_lora_linear_triton", &multi_lora_linear_autocast<c10::DeviceType::CPU, true>);
+  m.impl("multi_lora_linear", &Rule<c10::DeviceType::CPU, kOp>::call);
+  m.impl("multi_lora_linear_triton", &Rule<c10::DeviceType::CPU, kTriton>::call);
 }
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) {
-  m.impl("multi_lora_linear", &multi_lora_linear_autocast<c10::DeviceType::CUDA, false>);
-  m.impl("multi_lora_linear_triton", &multi_lora_linear_autocast<c10::DeviceType::CUDA, true>);
+  m.impl("multi_lora_linear", &Rule<c10::DeviceType::CUDA, kOp>::call);
+  m.impl("multi_lora_linear_triton", &Rule<c10::DeviceType::CUDA, kTriton>::call);
 }
 
 }  // namespace lowrank

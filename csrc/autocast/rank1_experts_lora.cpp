@@ -8,36 +8,28 @@
 namespace lowrank {
 namespace {
 
-using Ret = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using Sig = Ret(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, double,
-                c10::string_view, double, std::optional<double>);
+using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, double, c10::string_view, double,
+    std::optional<double>);
+// x, weight, bias, lora_a, lora_b, router; not router_bias (kept in its precision) or the scalars.
+constexpr uint64_t kCast = autocast::positions({0, 1, 2, 3, 4, 5});
+constexpr char kOp[] = "lowrank::rank1_experts_lora";
+constexpr char kTriton[] = "lowrank::rank1_experts_lora_triton";
 
-template <c10::DeviceType Dev, bool Triton>
-Ret rank1_experts_lora_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                const std::optional<at::Tensor>& router, const std::optional<at::Tensor>& router_bias,
-                                int64_t top_k, double scaling, c10::string_view gate, double temperature,
-                                std::optional<double> threshold) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(Triton ? "lowrank::rank1_experts_lora_triton" : "lowrank::rank1_experts_lora", "")
-          .typed<Sig>();
-  const autocast::Region<Dev> c;
-  return op.call(c(x), c(weight), c(bias), c(lora_a), c(lora_b), c(router), router_bias, top_k, scaling, gate,
-                 temperature, threshold);
-}
+template <c10::DeviceType Dev, const char* Name>
+using Rule = autocast::Rule<Dev, Name, kCast, Sig>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) {
-  m.impl("rank1_experts_lora", &rank1_experts_lora_autocast<c10::DeviceType::CPU, false>);
-  m.impl("rank1_experts_lora_triton", &rank1_experts_lora_autocast<c10::DeviceType::CPU, true>);
+  m.impl("rank1_experts_lora", &Rule<c10::DeviceType::CPU, kOp>::call);
+  m.impl("rank1_experts_lora_triton", &Rule<c10::DeviceType::CPU, kTriton>::call);
 }
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) {
-  m.impl("rank1_experts_lora", &rank1_experts_lora_autocast<c10::DeviceType::CUDA, false>);
-  m.impl("rank1_experts_lora_triton", &rank1_experts_lora_autocast<c10::DeviceType::CUDA, true>);
+  m.impl("rank1_experts_lora", &Rule<c10::DeviceType::CUDA, kOp>::call);
+  m.impl("rank1_experts_lora_triton", &Rule<c10::DeviceType::CUDA, kTriton>::call);
 }
 
 }  // namespace lowrank

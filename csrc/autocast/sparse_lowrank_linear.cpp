@@ -11,30 +11,24 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&);
+// x, lora_a, lora_b, s_values, bias; not the integer support (row_ptr, col_idx, col_ptr, row_idx, perm).
+constexpr uint64_t kCast = autocast::positions({0, 1, 2, 3, 9});
+constexpr char kOp[] = "lowrank::sparse_lowrank_linear";
+constexpr char kTriton[] = "lowrank::sparse_lowrank_linear_triton";
 
-template <c10::DeviceType Dev, bool Triton>
-at::Tensor sparse_lowrank_linear_autocast(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                                          const at::Tensor& s_values, const at::Tensor& row_ptr,
-                                          const at::Tensor& col_idx, const OptTensor& col_ptr,
-                                          const OptTensor& row_idx, const OptTensor& perm, const OptTensor& bias) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(Triton ? "lowrank::sparse_lowrank_linear_triton" : "lowrank::sparse_lowrank_linear", "")
-          .typed<Sig>();
-  const autocast::Region<Dev> c;
-  return op.call(c(x), c(lora_a), c(lora_b), c(s_values), row_ptr, col_idx, col_ptr, row_idx, perm, c(bias));
-}
+template <c10::DeviceType Dev, const char* Name>
+using Rule = autocast::Rule<Dev, Name, kCast, Sig>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCPU, m) {
-  m.impl("sparse_lowrank_linear", &sparse_lowrank_linear_autocast<c10::DeviceType::CPU, false>);
-  m.impl("sparse_lowrank_linear_triton", &sparse_lowrank_linear_autocast<c10::DeviceType::CPU, true>);
+  m.impl("sparse_lowrank_linear", &Rule<c10::DeviceType::CPU, kOp>::call);
+  m.impl("sparse_lowrank_linear_triton", &Rule<c10::DeviceType::CPU, kTriton>::call);
 }
 
 TORCH_LIBRARY_IMPL(lowrank, AutocastCUDA, m) {
-  m.impl("sparse_lowrank_linear", &sparse_lowrank_linear_autocast<c10::DeviceType::CUDA, false>);
-  m.impl("sparse_lowrank_linear_triton", &sparse_lowrank_linear_autocast<c10::DeviceType::CUDA, true>);
+  m.impl("sparse_lowrank_linear", &Rule<c10::DeviceType::CUDA, kOp>::call);
+  m.impl("sparse_lowrank_linear_triton", &Rule<c10::DeviceType::CUDA, kTriton>::call);
 }
 
 }  // namespace lowrank

@@ -10,7 +10,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 namespace lowrank::autocast {
 
@@ -26,7 +29,7 @@ inline const T& cast(at::ScalarType, c10::DeviceType, const T& v) {
 }
 
 // Inside an op's autocast kernel: autocast is off for the rest of the scope (the op below runs on the casts), and
-// region(t) casts one argument. Each kernel names the arguments to cast: weights and activations, not the
+// region(t) casts one argument. Each rule names the arguments to cast: weights and activations, not the
 // per-adapter scaling or other small fp32/fp64 parameters whose precision the op relies on.
 template <c10::DeviceType Dev>
 struct Region {
@@ -35,6 +38,40 @@ struct Region {
   template <class T>
   decltype(auto) operator()(const T& v) const {
     return cast(dtype, Dev, v);
+  }
+};
+
+// The argument positions an op's rule casts, as a bit mask for Rule: positions({0, 1, 3}).
+constexpr uint64_t positions(std::initializer_list<int> args) {
+  uint64_t mask = 0;
+  for (const int i : args) mask |= uint64_t{1} << i;
+  return mask;
+}
+
+// One op's autocast kernel: casts the arguments whose bit is set in Mask (bit i: argument i) and calls the op
+// Name (a namespace-scope constexpr char array, e.g. "lowrank::lora_linear") with autocast off. Registered as
+//   m.impl("lora_linear", &autocast::Rule<c10::DeviceType::CPU, kName, kMask, Sig>::call);
+template <c10::DeviceType Dev, const char* Name, uint64_t Mask, class Sig>
+struct Rule;
+
+template <c10::DeviceType Dev, const char* Name, uint64_t Mask, class R, class... A>
+struct Rule<Dev, Name, Mask, R(A...)> {
+  static R call(A... args) { return call_with(std::index_sequence_for<A...>{}, args...); }
+
+ private:
+  template <size_t... I>
+  static R call_with(std::index_sequence<I...>, A... args) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").template typed<R(A...)>();
+    const Region<Dev> c;
+    return op.call(arg<((Mask >> I) & 1) != 0>(c, args)...);
+  }
+  template <bool Cast, class T>
+  static decltype(auto) arg(const Region<Dev>& c, const T& v) {
+    if constexpr (Cast) {
+      return c(v);
+    } else {
+      return (v);
+    }
   }
 };
 
