@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank.kernels.triton._tiles import dot_rows
+
 __all__ = ["lora_linear_triton"]
 
 
@@ -49,22 +51,14 @@ def _lora_shrink_kernel(
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < T
     mask_r = offs_r < R
     rows_x = offs_m.to(tl.int64) * stride_xt
     rows_a = offs_r.to(tl.int64) * stride_ar
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x_tile = tl.load(x_ptr + rows_x[:, None] + kk[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        a_t_tile = tl.load(a_ptr + kk[:, None] * stride_ak + rows_a[None, :],           # Aᵀ tile [BLOCK_K, BLOCK_R]
-                           mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(x_tile.to(DOT_DTYPE), a_t_tile.to(DOT_DTYPE), acc,
-                     input_precision="ieee", out_dtype=ACC_DTYPE)
+    acc = dot_rows(acc, x_ptr, rows_x, mask_m, stride_xk, a_ptr, rows_a, mask_r, stride_ak, K,
+                   DOT_DTYPE, ACC_DTYPE, BLOCK_K)
 
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_ht + offs_r[None, :] * stride_hr
     tl.store(h_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -95,7 +89,6 @@ def _lora_linear_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < T
     mask_n = offs_n < N
@@ -104,15 +97,8 @@ def _lora_linear_fwd_kernel(
 
     # Base GEMM: acc = x·Wᵀ over K = in.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x_tile = tl.load(x_ptr + rows_x[:, None] + kk[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t_tile = tl.load(w_ptr + kk[:, None] * stride_wk + rows_w[None, :],           # Wᵀ tile [BLOCK_K, BLOCK_N]
-                           mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x_tile.to(DOT_DTYPE), w_t_tile.to(DOT_DTYPE), acc,
-                     input_precision="ieee", out_dtype=ACC_DTYPE)
+    acc = dot_rows(acc, x_ptr, rows_x, mask_m, stride_xk, w_ptr, rows_w, mask_n, stride_wk, K,
+                   DOT_DTYPE, ACC_DTYPE, BLOCK_K)
 
     # LoRA epilogue: acc += (s·h)·Bᵀ, a K-loop over the rank.
     s = tl.full((), scaling, ACC_DTYPE)  # fp64 arg; tl.full keeps its precision under the interpreter too

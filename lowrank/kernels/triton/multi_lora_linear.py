@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank.kernels.triton._tiles import dot_rows
+
 __all__ = ["multi_lora_linear_triton"]
 
 
@@ -49,18 +51,11 @@ def _mlora_shrink_kernel(
         tok = tl.load(perm_ptr + offs_i, mask=mask_m, other=0)
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
-        offs_k = tl.arange(0, BLOCK_K)
         rows_x = tok.to(tl.int64) * stride_xt
         a_base = a.to(tl.int64) * stride_an
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < K
-            x_tile = tl.load(x_ptr + rows_x[:, None] + kk[None, :] * stride_xk,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            a_t = tl.load(a_ptr + a_base + kk[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                          mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            acc = tl.dot(x_tile.to(DOT_DTYPE), a_t.to(DOT_DTYPE), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+        acc = dot_rows(acc, x_ptr, rows_x, mask_m, stride_xk, a_ptr + a_base, offs_r.to(tl.int64) * stride_ar,
+                       mask_r, stride_ak, K, DOT_DTYPE, ACC_DTYPE, BLOCK_K)
         s = tl.load(s_ptr + a).to(ACC_DTYPE)
         h_ptrs = h_ptr + tok.to(tl.int64)[:, None] * stride_ht + offs_r[None, :] * stride_hr
         tl.store(h_ptrs, acc * s, mask=mask_m[:, None] & (offs_r[None, :] < R))
@@ -82,20 +77,13 @@ def _mlora_fwd_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < T
     mask_n = offs_n < N
     rows_x = offs_m.to(tl.int64) * stride_xt
     rows_w = offs_n.to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x_tile = tl.load(x_ptr + rows_x[:, None] + kk[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_t = tl.load(w_ptr + kk[:, None] * stride_wk + rows_w[None, :],
-                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x_tile.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+    acc = dot_rows(acc, x_ptr, rows_x, mask_m, stride_xk, w_ptr, rows_w, mask_n, stride_wk, K,
+                   DOT_DTYPE, ACC_DTYPE, BLOCK_K)
 
     # BGMV epilogue: each row reads its own adapter's B, only over that adapter's true rank.
     aid = tl.load(aid_ptr + offs_m, mask=mask_m, other=-1)

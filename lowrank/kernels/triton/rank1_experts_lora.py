@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank.kernels.triton._tiles import dot_rows
+
 __all__ = ["rank1_experts_lora_triton"]
 
 
@@ -118,20 +120,13 @@ def _rank1_linear_kernel(
     pid_n = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_t = offs_t < T
     mask_n = offs_n < N
     rows_x = offs_t.to(tl.int64) * stride_xt
     rows_w = offs_n.to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        xt = tl.load(x_ptr + rows_x[:, None] + kk[None, :] * stride_xk, mask=mask_t[:, None] & mask_k[None, :],
-                     other=0.0)
-        wt = tl.load(w_ptr + kk[:, None] * stride_wk + rows_w[None, :], mask=mask_k[:, None] & mask_n[None, :],
-                     other=0.0)
-        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+    acc = dot_rows(acc, x_ptr, rows_x, mask_t, stride_xk, w_ptr, rows_w, mask_n, stride_wk, K,
+                   DOT_DTYPE, ACC_DTYPE, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     rows_k = offs_t.to(tl.int64) * TOPK
