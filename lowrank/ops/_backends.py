@@ -80,6 +80,33 @@ def check_like_x(op: str, x: torch.Tensor, named: Sequence[tuple[str, torch.Tens
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
+def check_factor_shapes(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        lora_a: torch.Tensor, lora_b: torch.Tensor, *, k: str = "r",
+                        k_empty: str = "have rank r >= 1") -> tuple[int, int, int]:
+    """Shapes of a linear with a rank-k update: weight [out, in] non-empty, x [..., in], lora_a [k, in] with
+    k >= 1, lora_b [out, k], bias [out] or None. Returns (out, in, k); ValueError naming the argument otherwise.
+
+    ``k`` names the inner dimension in messages ("r" for LoRA, "E" for rank-1 experts) and ``k_empty`` completes
+    "lora_a must ..." when it is 0.
+    """
+    out, in_ = weight.shape
+    kk = lora_a.shape[0]
+    if out == 0 or in_ == 0:
+        raise ValueError(f"{op}: weight must be non-empty [out, in], got shape {tuple(weight.shape)}")
+    if kk == 0:
+        raise ValueError(f"{op}: lora_a must {k_empty}, got shape {tuple(lora_a.shape)}")
+    if x.shape[-1] != in_:
+        raise ValueError(f"{op}: x.shape[-1] = {x.shape[-1]} does not match weight [out={out}, in={in_}]")
+    if lora_a.shape[1] != in_:
+        raise ValueError(f"{op}: lora_a must be [{k}, in={in_}], got shape {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out, kk):
+        raise ValueError(f"{op}: lora_b must be [out={out}, {k}={kk}] to match weight and lora_a, "
+                         f"got shape {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape[0] != out:
+        raise ValueError(f"{op}: bias must be [out={out}], got shape {tuple(bias.shape)}")
+    return out, in_, kk
+
+
 def select(op: str, table: Sequence[Backend], requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """Pick the backend that runs ``op`` for this device and dtype.
 

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, check_like_x, has_kernel, select, triton_reasons
+from lowrank.ops._backends import (Backend, check_factor_shapes, check_like_x, has_kernel, select,
+                                   triton_reasons)
 from lowrank.reference import lora_linear as _reference
 
 __all__ = ["lora_linear", "BACKENDS"]
@@ -112,21 +113,7 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling) -> None:
         raise TypeError(f"lora_linear: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
     check_like_x("lora_linear", x, named[1:],
                  dtype_note="all tensors must share one dtype (under torch.autocast: fp64 is not cast)")
-    out, in_ = weight.shape
-    r = lora_a.shape[0]
-    if out == 0 or in_ == 0:
-        raise ValueError(f"lora_linear: weight must be non-empty [out, in], got shape {tuple(weight.shape)}")
-    if r == 0:
-        raise ValueError(f"lora_linear: lora_a must have rank r >= 1, got shape {tuple(lora_a.shape)}")
-    if x.shape[-1] != in_:
-        raise ValueError(f"lora_linear: x.shape[-1] = {x.shape[-1]} does not match weight [out={out}, in={in_}]")
-    if lora_a.shape[1] != in_:
-        raise ValueError(f"lora_linear: lora_a must be [r, in={in_}], got shape {tuple(lora_a.shape)}")
-    if tuple(lora_b.shape) != (out, r):
-        raise ValueError(f"lora_linear: lora_b must be [out={out}, r={r}] to match weight and lora_a, "
-                         f"got shape {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != out:
-        raise ValueError(f"lora_linear: bias must be [out={out}], got shape {tuple(bias.shape)}")
+    check_factor_shapes("lora_linear", x, weight, bias, lora_a, lora_b)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"lora_linear: scaling must be a Python float, got {type(scaling).__name__}")
     # Spelled as a comparison, not math.isfinite, so that a symbolic float under torch.compile(dynamic=True)

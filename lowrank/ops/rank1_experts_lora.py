@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from lowrank.ops._backends import Backend, check_like_x, has_kernel, select, triton_reasons
+from lowrank.ops._backends import (Backend, check_factor_shapes, check_like_x, has_kernel, select,
+                                   triton_reasons)
 from lowrank.reference import rank1_experts_lora as _reference
 
 __all__ = ["rank1_experts_lora", "BACKENDS"]
@@ -176,21 +177,8 @@ def _validate(x, weight, bias, lora_a, lora_b, top_k, scaling, router, router_bi
         raise ValueError(f"{_OP}: gate='self' takes no router or router_bias (the scores are the rank "
                          "activations themselves)")
     check_like_x(_OP, x, named, dtype_note="all tensors but router_bias must share one dtype")
-    out, in_ = weight.shape
-    E = lora_a.shape[0]
-    if out == 0 or in_ == 0:
-        raise ValueError(f"{_OP}: weight must be non-empty [out, in], got shape {tuple(weight.shape)}")
-    if E == 0:
-        raise ValueError(f"{_OP}: lora_a must hold E >= 1 experts, got shape {tuple(lora_a.shape)}")
-    if x.shape[-1] != in_:
-        raise ValueError(f"{_OP}: x.shape[-1] = {x.shape[-1]} does not match weight [out={out}, in={in_}]")
-    if lora_a.shape[1] != in_:
-        raise ValueError(f"{_OP}: lora_a must be [E, in={in_}], got shape {tuple(lora_a.shape)}")
-    if tuple(lora_b.shape) != (out, E):
-        raise ValueError(f"{_OP}: lora_b must be [out={out}, E={E}] to match weight and lora_a, "
-                         f"got shape {tuple(lora_b.shape)}")
-    if bias is not None and bias.shape[0] != out:
-        raise ValueError(f"{_OP}: bias must be [out={out}], got shape {tuple(bias.shape)}")
+    _, in_, E = check_factor_shapes(_OP, x, weight, bias, lora_a, lora_b, k="E",
+                                    k_empty="hold E >= 1 experts")
     if router is not None and tuple(router.shape) != (E, in_):
         raise ValueError(f"{_OP}: router must be [E={E}, in={in_}], got shape {tuple(router.shape)}")
     if router_bias is not None and router_bias.shape[0] != E:
