@@ -1,4 +1,4 @@
-"""Tile building blocks shared by the Triton kernels (plain ``@triton.jit`` functions, inlined when compiled)."""
+"""Tile building blocks shared by the Triton kernels (``@triton.jit`` functions, inlined when compiled)."""
 import triton
 import triton.language as tl
 
