@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <string_view>
@@ -70,6 +71,35 @@ inline void check_rank1_experts_args(const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK_VALUE(!has_router && !has_rbias,
                       "rank1_experts_lora: gate='self' takes no router or router_bias");
   }
+}
+
+// The backward's products once the gate backward has formed D [T, E or 2E] (the gradient of the rank, and router,
+// activations) and U [T, E] (the gated rank activations), the same on every device:
+//   dx = D·[A; R] + g·W,  d[A; R] = Dᵀ·x,  dW = gᵀ·x,  dB = gᵀ·U       ([A; R]: ar, R only with the router gate)
+// Returns (dx, dW, dA, dB, dR) under mask; dx in x's shape (x_sizes), all in dt.
+inline std::array<std::optional<at::Tensor>, 5> rank1_backward_products(
+    const at::Tensor& D, const at::Tensor& U, const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& weight,
+    const at::Tensor& ar, int64_t E, bool use_router, std::array<bool, 5> mask, at::IntArrayRef x_sizes,
+    at::ScalarType dt) {
+  std::array<std::optional<at::Tensor>, 5> out;
+  if (mask[0] || mask[2] || (mask[4] && use_router)) {
+    const at::Tensor Dd = D.to(dt);
+    if (mask[0]) {
+      // D·[A; R] first, then the base GEMM accumulates into it (beta = 1) inside its micro-kernel.
+      at::Tensor d = at::mm(Dd, ar);
+      d.addmm_(g2, weight);
+      out[0] = d.view(x_sizes);
+    }
+    if (mask[2] || (mask[4] && use_router)) {
+      const at::Tensor dar = at::mm(Dd.t(), x2);  // [E or 2E, in]
+      // Clones: the two blocks must not share storage or carry an offset (outputs of one op are separate).
+      if (mask[2]) out[2] = dar.narrow(0, 0, E).clone();
+      if (mask[4] && use_router) out[4] = dar.narrow(0, E, E).clone();
+    }
+  }
+  if (mask[1]) out[1] = at::mm(g2.t(), x2);
+  if (mask[3]) out[3] = at::mm(g2.t(), U.to(dt));
+  return out;
 }
 
 }  // namespace lowrank

@@ -443,8 +443,6 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
   TORCH_CHECK_VALUE(g2.size(0) == T && act.dim() == 2 && act.size(0) == T &&
                         act.size(1) == (use_router ? 2 * E : E) && indices.numel() == T * k,
                     "rank1_experts_lora_backward: grad_y, indices or act do not match x");
-  OptTensor dx, dw, da, db, dr;
-  const bool need_d = mask[0] || mask[2] || mask[4];
   const at::Tensor ar = stacked_factors(lora_a, router, use_router);
   at::Tensor D = at::zeros({T, use_router ? 2 * E : E}, x.options().dtype(gd));
   at::Tensor U = at::zeros({T, E}, x.options().dtype(gd));
@@ -459,24 +457,8 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
                               temperature, threshold, D, U);
     });
   }
-  if (need_d) {
-    const at::Tensor Dd = D.to(dt);
-    if (mask[0]) {
-      // D·[A; R] first, then the base GEMM accumulates into it (beta = 1) inside its micro-kernel.
-      at::Tensor d = at::mm(Dd, ar);
-      d.addmm_(g2, weight);
-      dx = d.view(x.sizes());
-    }
-    if (mask[2] || mask[4]) {
-      const at::Tensor dar = at::mm(Dd.t(), x2);  // [E or 2E, in]
-      // Clones: the two blocks must not share storage or carry an offset (outputs of one op are separate).
-      if (mask[2]) da = dar.narrow(0, 0, E).clone();
-      if (mask[4] && use_router) dr = dar.narrow(0, E, E).clone();
-    }
-  }
-  if (mask[1]) dw = at::mm(g2.t(), x2);
-  if (mask[3]) db = at::mm(g2.t(), U.to(dt));
-  return {dx, dw, da, db, dr};
+  const auto d = rank1_backward_products(D, U, g2, x2, weight, ar, E, use_router, mask, x.sizes(), dt);
+  return {d[0], d[1], d[2], d[3], d[4]};
 }
 
 }  // namespace

@@ -128,23 +128,9 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
           scratch.mutable_data_ptr<S>(), D.mutable_data_ptr<S>(), D.stride(0), U.mutable_data_ptr<S>(), stream));
     });
   }
-  OptTensor dx, dw, da, db, dr;
-  if (mask[0] || mask[2] || mask[4]) {
-    const at::Tensor Dd = D.to(dt);
-    if (mask[0]) {
-      at::Tensor d = at::mm(Dd, stacked(lora_a, router, use_router));
-      d.addmm_(g2, weight);
-      dx = d.view(x.sizes());
-    }
-    if (mask[2] || (mask[4] && use_router)) {
-      const at::Tensor dar = at::mm(Dd.t(), x2);
-      if (mask[2]) da = dar.narrow(0, 0, E).clone();
-      if (mask[4] && use_router) dr = dar.narrow(0, E, E).clone();
-    }
-  }
-  if (mask[1]) dw = at::mm(g2.t(), x2);
-  if (mask[3]) db = at::mm(g2.t(), U.to(dt));
-  return {dx, dw, da, db, dr};
+  const auto d = rank1_backward_products(D, U, g2, x2, weight, stacked(lora_a, router, use_router), E, use_router,
+                                         mask, x.sizes(), dt);
+  return {d[0], d[1], d[2], d[3], d[4]};
 }
 
 }  // namespace
