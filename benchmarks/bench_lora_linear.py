@@ -60,7 +60,7 @@ def _peers(dtype: torch.dtype, shape: tuple[int, int, int]):
 
 
 @pytest.mark.parametrize("dtype, shape, mode, impl", CASES)
-def test_lora_linear(run_benchmark, benchmark, dtype, shape, mode, impl):
+def test_lora_linear(run_peer_step, benchmark, dtype, shape, mode, impl):
     if impl == "peft" and not peft_available():
         pytest.skip("peft is not installed")
     peers = _peers(dtype, shape)
@@ -68,16 +68,7 @@ def test_lora_linear(run_benchmark, benchmark, dtype, shape, mode, impl):
     benchmark.group = f"{mode}-{_dtype_name(dtype)}-{T}x{in_f}x{out_f}"
     benchmark.extra_info.update(impl=impl, mode=mode, dtype=_dtype_name(dtype), T=T, in_features=in_f,
                                 out_features=out_f, r=R, alpha=ALPHA, threads=torch.get_num_threads())
-    step = peers.step(impl, mode)
-    if mode == "fwd":
-        with torch.inference_mode():
-            run_benchmark(step)
-    else:
-        run_benchmark(step)
-        params = peers.trainable(impl)
-        assert all(p.grad is not None for p in params), f"{impl}: backward produced no factor gradients"
-        for p in params:
-            p.grad = None
+    run_peer_step(peers, impl, mode)
 
 
 

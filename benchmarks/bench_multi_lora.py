@@ -130,7 +130,7 @@ CASES = [pytest.param(dtype, shape, mode, impl, id=f"{mode}-{_dtype_name(dtype)}
 
 
 @pytest.mark.parametrize("dtype, shape, mode, impl", CASES)
-def test_multi_lora(run_benchmark, benchmark, dtype, shape, mode, impl):
+def test_multi_lora(run_peer_step, benchmark, dtype, shape, mode, impl):
     if impl == "peft" and not peft_available():
         pytest.skip("peft is not installed")
     if benchmark.disabled:
@@ -142,13 +142,7 @@ def test_multi_lora(run_benchmark, benchmark, dtype, shape, mode, impl):
     benchmark.group = f"{mode}-{_dtype_name(dtype)}-{T}x{in_f}x{out_f}"
     benchmark.extra_info.update(impl=impl, mode=mode, dtype=_dtype_name(dtype), T=T, in_features=in_f,
                                 out_features=out_f, r=R, adapters=N_ADAPTERS, threads=torch.get_num_threads())
-    step = peers.step(impl, mode)
-    if mode == "fwd":
-        with torch.inference_mode():
-            run_benchmark(step)
-    else:
-        run_benchmark(step)
-        assert all(p.grad is not None for p in peers.trainable(impl)), f"{impl}: no factor gradients"
+    run_peer_step(peers, impl, mode)
 
 
 @pytest.mark.parametrize("impl", ["linear", "cuda", "triton"])

@@ -81,3 +81,22 @@ def run_benchmark(benchmark):
                 fn()
         return benchmark(fn)
     return run
+
+
+@pytest.fixture
+def run_peer_step(run_benchmark):
+    """``run_peer_step(peers, impl, mode)``: time one implementation's step of a peers object (``.step(impl,
+    mode)``, ``.trainable(impl)``): "fwd" under ``torch.inference_mode``; "fwd+bwd" checks that every trainable
+    factor got a gradient and clears them after, as ``zero_grad()`` does."""
+    def run(peers, impl: str, mode: str):
+        step = peers.step(impl, mode)
+        if mode == "fwd":
+            with torch.inference_mode():
+                return run_benchmark(step)
+        out = run_benchmark(step)
+        params = peers.trainable(impl)
+        assert all(p.grad is not None for p in params), f"{impl}: backward produced no factor gradients"
+        for p in params:
+            p.grad = None
+        return out
+    return run
