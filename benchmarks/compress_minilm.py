@@ -139,8 +139,14 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def scifact_texts(n_eval: int = 500, n_calib: int = 512, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(evaluation documents, calibration sentences), disjoint (module docstring)."""
+def scifact_texts(n_eval: int = 500, n_calib: int = 512, seed: int = 0,
+                  mixed: bool = False) -> tuple[list[str], list[str]]:
+    """(evaluation documents, calibration sentences), disjoint (module docstring).
+
+    The calibration list holds the train claims, then the document sentences; ``mixed`` interleaves them
+    (claim, sentence, claim, …): the same set (so the same whitening), but greedy's probe batches (the first
+    ``probe_sequences`` = 64 texts) then hold 32 claims and 32 document sentences instead of 64 claims.
+    """
     corpus = _read_jsonl(DATA / "corpus.jsonl")
     test_q = {q["_id"] for q in _read_jsonl(DATA / "queries.jsonl")}
     train_claims = [q["text"] for q in _read_jsonl(DATA / "queries_all.jsonl") if q["_id"] not in test_q]
@@ -165,6 +171,10 @@ def scifact_texts(n_eval: int = 500, n_calib: int = 512, seed: int = 0) -> tuple
             sentences.append(rng.choice(parts))
         if len(sentences) >= n_calib - len(claims):
             break
+    if mixed:
+        pairs = [t for pair in zip(claims, sentences) for t in pair]
+        n = min(len(claims), len(sentences))
+        return eval_texts, pairs + claims[n:] + sentences[n:]
     return eval_texts, claims + sentences
 
 
@@ -232,7 +242,7 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
         calibrations: Sequence[str] = ("none", "calib"), *, n_eval: int = 500, n_calib: int = 512,
         metrics: Mapping[str, Callable[[nn.Module, object], float]] | None = None,
         configs: Sequence[tuple[float, str, str] | tuple[float, str, str, str]] | None = None,
-        sensitivity_output: str = "embedding", baseline_metrics: bool = True,
+        sensitivity_output: str = "embedding", baseline_metrics: bool = True, probe_order: str = "claims",
         log: Callable[[str], None] = print) -> list[dict]:
     """The benchmark loop; returns one row per configuration (plus the uncompressed baseline).
 
@@ -241,12 +251,12 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
     :data:`SENSITIVITY_OUTPUTS`) is the model output greedy measures each layer's sensitivity on.
     ``baseline_metrics=False`` skips ``metrics`` on the uncompressed model (its row then holds None): a
     reranking pass costs as much as a configuration, and the value is already known from an earlier run on the
-    same queries.
+    same queries. ``probe_order="mixed"``: greedy probes on claims and document sentences (scifact_texts).
     """
     from lowrank.compress import compress_model
 
     base, tok = load_minilm()
-    eval_texts, calib_texts = scifact_texts(n_eval, n_calib)
+    eval_texts, calib_texts = scifact_texts(n_eval, n_calib, mixed=probe_order == "mixed")
     targets = encoder_linears(base)
     t0 = time.perf_counter()
     reference = embed(base, tok, eval_texts)
@@ -337,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="do not evaluate --ndcg-* on the uncompressed model (known from an earlier run)")
     p.add_argument("--sensitivity-output", default="embedding", choices=sorted(SENSITIVITY_OUTPUTS),
                    help="what greedy measures layer sensitivity on (default: the pooled embedding)")
+    p.add_argument("--probe-order", default="claims", choices=["claims", "mixed"],
+                   help="greedy's probe batches: the first 64 calibration texts, 64 train claims (default) or "
+                        "32 claims and 32 document sentences (the same calibration set, reordered)")
     args = p.parse_args(argv)
     configs = None
     if args.configs:
@@ -386,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run(args.budgets, args.methods, args.calibrations, n_eval=args.n_eval, n_calib=args.n_calib,
                metrics=metrics, configs=configs, sensitivity_output=args.sensitivity_output,
-               baseline_metrics=not args.skip_baseline, log=log)
+               baseline_metrics=not args.skip_baseline, probe_order=args.probe_order, log=log)
     if ndcg is not None:
         rows.insert(0, {"budget": "-", "method": f"BM25 alone (top {ndcg.depth})", "calibration": "-",
                         "params": None, "cosine": None, "ndcg@10": ndcg.bm25_ndcg})
