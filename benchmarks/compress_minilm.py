@@ -114,8 +114,17 @@ def similarity_rows(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return s - s.mean(1, keepdim=True)
 
 
+def pair_scores(outputs, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Row-centred claim–document scores S = E_claims·E_docsᵀ of a batch of (claim, positive document) rows in
+    alternation (``--probe-order pairs``): the positive on the diagonal, in-batch negatives off it — the score
+    differences a bi-encoder reranking reads."""
+    e = mean_pooled(outputs, batch)
+    s = e[0::2] @ e[1::2].T
+    return s - s.mean(1, keepdim=True)
+
+
 SENSITIVITY_OUTPUTS: dict[str, Callable] = {"embedding": mean_pooled, "centered": centered_pooled,
-                                            "similarity": similarity_rows}
+                                            "similarity": similarity_rows, "pairs": pair_scores}
 
 _REFERENCE: dict[tuple, torch.Tensor] = {}
 
@@ -140,12 +149,15 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def scifact_texts(n_eval: int = 500, n_calib: int = 512, seed: int = 0,
-                  mixed: bool = False) -> tuple[list[str], list[str]]:
+                  mixed: bool = False, pairs: int = 0) -> tuple[list[str], list[str]]:
     """(evaluation documents, calibration sentences), disjoint (module docstring).
 
     The calibration list holds the train claims, then the document sentences; ``mixed`` interleaves them
     (claim, sentence, claim, …): the same set (so the same whitening), but greedy's probe batches (the first
     ``probe_sequences`` = 64 texts) then hold 32 claims and 32 document sentences instead of 64 claims.
+    ``pairs``: the list starts with this many (claim, positive document) pairs from the train qrels, claims among
+    the calibration claims and documents outside the evaluation set (``title + text``), in alternation; as many
+    sentences are dropped from its end, so it keeps n_calib texts (the whitening set changes by those texts).
     """
     corpus = _read_jsonl(DATA / "corpus.jsonl")
     test_q = {q["_id"] for q in _read_jsonl(DATA / "queries.jsonl")}
@@ -172,9 +184,25 @@ def scifact_texts(n_eval: int = 500, n_calib: int = 512, seed: int = 0,
         if len(sentences) >= n_calib - len(claims):
             break
     if mixed:
-        pairs = [t for pair in zip(claims, sentences) for t in pair]
+        inter = [t for pair in zip(claims, sentences) for t in pair]
         n = min(len(claims), len(sentences))
-        return eval_texts, pairs + claims[n:] + sentences[n:]
+        return eval_texts, inter + claims[n:] + sentences[n:]
+    if pairs:
+        text_of = {q["text"]: q["_id"] for q in _read_jsonl(DATA / "queries_all.jsonl")}
+        positives: dict[str, str] = {}
+        with open(DATA / "qrels_train.tsv", encoding="utf-8") as f:
+            for line in f.read().splitlines()[1:]:
+                qid, did = line.split("\t")[:2]
+                if did in by_id and did not in eval_set:
+                    positives.setdefault(qid, did)
+        head, used = [], set()
+        for c in claims:
+            did = positives.get(text_of.get(c, ""))
+            if did is not None and len(head) < 2 * pairs:
+                head += [c, f"{by_id[did]['title']} {by_id[did]['text']}".strip()]
+                used.add(c)
+        rest = [c for c in claims if c not in used] + sentences
+        return eval_texts, head + rest[:n_calib - len(head)]
     return eval_texts, claims + sentences
 
 
@@ -256,7 +284,8 @@ def run(budgets: Sequence[float] = (0.9, 0.7, 0.5), methods: Sequence[str] = ("g
     from lowrank.compress import compress_model
 
     base, tok = load_minilm()
-    eval_texts, calib_texts = scifact_texts(n_eval, n_calib, mixed=probe_order == "mixed")
+    eval_texts, calib_texts = scifact_texts(n_eval, n_calib, mixed=probe_order == "mixed",
+                                            pairs=32 if probe_order == "pairs" else 0)
     targets = encoder_linears(base)
     t0 = time.perf_counter()
     reference = embed(base, tok, eval_texts)
@@ -347,9 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="do not evaluate --ndcg-* on the uncompressed model (known from an earlier run)")
     p.add_argument("--sensitivity-output", default="embedding", choices=sorted(SENSITIVITY_OUTPUTS),
                    help="what greedy measures layer sensitivity on (default: the pooled embedding)")
-    p.add_argument("--probe-order", default="claims", choices=["claims", "mixed"],
-                   help="greedy's probe batches: the first 64 calibration texts, 64 train claims (default) or "
-                        "32 claims and 32 document sentences (the same calibration set, reordered)")
+    p.add_argument("--probe-order", default="claims", choices=["claims", "mixed", "pairs"],
+                   help="greedy's probe batches: the first 64 calibration texts, 64 train claims (default), "
+                        "32 claims and 32 document sentences (the same calibration set, reordered), or 32 "
+                        "(claim, positive document) pairs (use with the 'pairs' output)")
     args = p.parse_args(argv)
     configs = None
     if args.configs:
@@ -392,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             # 256 of the calibration sentences are train claims: a train query among them would judge the
             # compression on text it was calibrated on, so those queries are left out of the pool.
-            exclude = scifact_texts(args.n_eval, args.n_calib)[1] if args.ndcg_split == "train" else ()
+            exclude = scifact_texts(args.n_eval, args.n_calib, pairs=32 if args.probe_order == "pairs" else 0)[1] \
+                if args.ndcg_split == "train" else ()
             ndcg = RerankNDCG(args.ndcg_queries, args.ndcg_depth, seed=args.ndcg_seed, split=args.ndcg_split,
                               exclude_texts=exclude, log=log)
             metrics["ndcg@10"] = ndcg
