@@ -341,18 +341,23 @@ SLR_AVX512 void pack_pairs_avx512(const c10::BFloat16* src, int64_t lds, int64_t
   }
 }
 
+// One 64-byte line of a pairs block as fp32: lo = tokens 32q + 0..15, hi = tokens 32q + 16..31 (exact).
+SLR_AVX512 SLR_INLINE __m512 pairs_lo(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+SLR_AVX512 SLR_INLINE __m512 pairs_hi(__m512i w) {
+  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // bf16 pairs block srcT [n][TB/2] (pack_pairs_avx512): per 32 tokens one load, a shift and a mask, two FMAs.
 template <int TB, typename idx_t>
 struct AddPairsRow {
   const uint32_t* srcT;
   const idx_t* idx;
   SLR_AVX512 SLR_INLINE void operator()(__m512* a, __m512 v, int32_t k) const {
-    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     const uint32_t* s = srcT + static_cast<int64_t>(idx[k]) * (TB / 2);
     for (int l = 0; l < TB / 32; ++l) {
       const __m512i w = _mm512_loadu_si512(s + 16 * l);
-      a[2 * l] = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), a[2 * l]);
-      a[2 * l + 1] = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask)), a[2 * l + 1]);
+      a[2 * l] = _mm512_fmadd_ps(v, pairs_lo(w), a[2 * l]);
+      a[2 * l + 1] = _mm512_fmadd_ps(v, pairs_hi(w), a[2 * l + 1]);
     }
   }
 };
@@ -446,7 +451,6 @@ template <int TB, typename idx_t>
 SLR_AVX512 SLR_NO_JAM void dv_rows_pairs_avx512(const int32_t* ptr, const idx_t* idx, const float* gT,
                                                 const uint32_t* xP, int64_t r0, int64_t r1, float* dv) {
   constexpr int NV = TB / 16, NL = TB / 32;
-  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t i = r0; i < r1; ++i) {
     __m512 g[NV];
     for (int v = 0; v < NV; ++v) g[v] = _mm512_loadu_ps(gT + i * TB + 16 * v);
@@ -455,8 +459,8 @@ SLR_AVX512 SLR_NO_JAM void dv_rows_pairs_avx512(const int32_t* ptr, const idx_t*
       __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
       for (int l = 0; l < NL; ++l) {
         const __m512i w = _mm512_loadu_si512(s + 16 * l);
-        d0 = _mm512_fmadd_ps(g[2 * l], _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), d0);
-        d1 = _mm512_fmadd_ps(g[2 * l + 1], _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask)), d1);
+        d0 = _mm512_fmadd_ps(g[2 * l], pairs_lo(w), d0);
+        d1 = _mm512_fmadd_ps(g[2 * l + 1], pairs_hi(w), d1);
       }
       return _mm512_add_ps(d0, d1);
     };
@@ -597,33 +601,26 @@ void spmm_add(const at::Tensor& src, const int32_t* ptr, const idx_t* idx, const
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
   auto block = [&](int64_t blk, int64_t slot, bool rows_parallel) {
     const int64_t t0 = blk * TB, tb = std::min<int64_t>(TB, T - t0);
-    auto rows = [&](int64_t r0, int64_t r1) {
-#if SLR_X86
-      if constexpr (PAIRS) {
-        const uint32_t* srcT = reinterpret_cast<const uint32_t*>(buf.const_data_ptr<int32_t>()) + slot * n_src * kCol;
-        return spmm_rows_pairs_avx512<TB>(ptr, idx, val, srcT, r0, r1, out + t0 * ldy, ldy, tb);
-      }
-#endif
-      if constexpr (!PAIRS) {
-        const acc_t* srcT = buf.const_data_ptr<acc_t>() + slot * n_src * kCol;
-        spmm_rows<acc_t, TB>(ptr, idx, val, srcT, r0, r1, out + t0 * ldy, ldy, tb);
+    scalar_t* o = out + t0 * ldy;
+    auto over_rows = [&](const auto& rows) {
+      if (rows_parallel) {
+        parallel_rows(n_rows, ptr[n_rows] * tb, rows);
+      } else {
+        rows(0, n_rows);
       }
     };
 #if SLR_X86
     if constexpr (PAIRS) {
-      pack_pairs<TB>(s + t0 * lds, lds, tb, n_src,
-                     reinterpret_cast<uint32_t*>(buf.mutable_data_ptr<int32_t>()) + slot * n_src * kCol);
+      uint32_t* srcT = reinterpret_cast<uint32_t*>(buf.mutable_data_ptr<int32_t>()) + slot * n_src * kCol;
+      pack_pairs<TB>(s + t0 * lds, lds, tb, n_src, srcT);
+      return over_rows([&](int64_t r0, int64_t r1) {
+        spmm_rows_pairs_avx512<TB>(ptr, idx, val, srcT, r0, r1, o, ldy, tb);
+      });
     }
 #endif
-    if constexpr (!PAIRS) {
-      pack_transposed<scalar_t, acc_t, TB>(s + t0 * lds, lds, tb, n_src,
-                                           buf.mutable_data_ptr<acc_t>() + slot * n_src * kCol);
-    }
-    if (rows_parallel) {
-      parallel_rows(n_rows, ptr[n_rows] * tb, rows);
-    } else {
-      rows(0, n_rows);
-    }
+    acc_t* srcT = buf.mutable_data_ptr<acc_t>() + slot * n_src * kCol;
+    pack_transposed<scalar_t, acc_t, TB>(s + t0 * lds, lds, tb, n_src, srcT);
+    over_rows([&](int64_t r0, int64_t r1) { spmm_rows<acc_t, TB>(ptr, idx, val, srcT, r0, r1, o, ldy, tb); });
   };
   if (by_tokens) {
     for_token_blocks(n_blocks, slots, [&](int64_t blk, int64_t slot) { block(blk, slot, false); });
