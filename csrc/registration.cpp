@@ -82,6 +82,14 @@ TORCH_LIBRARY(lowrank, m) {
       "rank1_experts_lora_triton(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor? router, Tensor? router_bias, int top_k, float scaling, str gate, float temperature, "
       "float? threshold) -> (Tensor, Tensor, Tensor, Tensor)");
+  // fp32 y = x·weightᵀ + bias on bf16 hardware: x and weight split into bf16 halves v = v_hi + v_lo and
+  // y = x_hi·W_hiᵀ + x_hi·W_loᵀ + x_lo·W_hiᵀ accumulated in fp32 ("bf16x3"). x [T, in], weight [out, in] fp32;
+  // packed = bf16x3_pack(weight) ([⌈out/16⌉, ⌈in/32⌉, 2, 16, 32] bf16 B tiles of W_hi, W_lo) or None to pack
+  // inside the call. The _triton twin splits in the kernel and takes no packed weight.
+  m.set_python_module("lowrank.ops.bf16x3_linear");
+  m.def("bf16x3_pack(Tensor weight) -> Tensor");
+  m.def("bf16x3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? packed) -> Tensor");
+  m.def("bf16x3_linear_triton(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

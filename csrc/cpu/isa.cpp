@@ -2,6 +2,7 @@
 #include "cpu/isa.h"
 
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <string>
@@ -73,3 +74,8 @@ bool is_intel_cpu() {
 }
 
 }  // namespace lowrank::cpu
+
+// lowrank.ops._backends.cpu_isa(): the level the CPU kernels run at, for backend probes that need a given level.
+TORCH_LIBRARY_FRAGMENT(lowrank, m) {
+  m.def("cpu_isa() -> str", [] { return std::string(lowrank::cpu::isa_name(lowrank::cpu::cpu_isa())); });
+}

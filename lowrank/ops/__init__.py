@@ -1,5 +1,6 @@
 """Public ops. Each is a Python function over one or more ``torch.ops.lowrank`` ops, with a ``backend`` argument."""
 from lowrank.ops._backends import BackendUnavailableError
+from lowrank.ops.bf16x3_linear import bf16x3_linear, pack_bf16x3
 from lowrank.ops.gather_logits import gather_logits
 from lowrank.ops.lora_linear import lora_linear
 from lowrank.ops.multi_lora_linear import AdapterSegments, adapter_segments, multi_lora_linear
@@ -8,6 +9,6 @@ from lowrank.ops.rank1_experts_lora import rank1_experts_lora
 from lowrank.ops.sparse_layout import SparseLayout
 from lowrank.ops.sparse_lowrank_linear import sparse_lowrank_linear
 
-__all__ = ["AdapterSegments", "adapter_segments", "gather_logits", "lora_linear", "multi_lora_linear",
+__all__ = ["AdapterSegments", "adapter_segments", "bf16x3_linear", "pack_bf16x3", "gather_logits", "lora_linear", "multi_lora_linear",
            "query_attention_mass", "rank1_experts_lora", "sparse_lowrank_linear", "SparseLayout",
            "BackendUnavailableError"]

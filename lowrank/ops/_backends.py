@@ -151,3 +151,14 @@ def triton_reasons(device_type: str) -> tuple[str, ...]:
     if device_type == "cuda" and not torch.cuda.is_available():
         return ("no CUDA device",)
     return ()
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the C++ CPU kernels run at: "base", "avx2", "avx512", "avx512_bf16" or "amx"
+    (read once from CPUID, capped by the environment variable LOWRANK_MAX_CPU_ISA)."""
+    return _cpu_isa()
+
+
+@torch.compiler.assume_constant_result
+def _cpu_isa() -> str:
+    return torch.ops.lowrank.cpu_isa()

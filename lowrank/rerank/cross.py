@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from lowrank.rerank._matmul import apply_matmul
 from lowrank.rerank.data import BeirDataset, DataWarning
 from lowrank.rerank._loop import _candidate_ids, check_rerank_args, rerank_loop
 from lowrank.rerank.embed import default_model_path
@@ -220,12 +221,14 @@ class CrossEncoderReranker:
         label: which column of a several-label head is the relevance score (required then; 0 or None for one).
         dtype: weights and activations dtype (logits are cast to float32 before the activation).
         device: where the model runs.
+        matmul: "fp32" (the model as loaded) or "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
+            ~2× faster on CPUs with AMX tiles, scores within ~1e-5 of fp32; float32 models only).
     """
 
     def __init__(self, model: str | Path | None = None, *, max_length: int | None = None, token_budget: int = 8192,
                  packed: bool | None = None, activation: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
                  label: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", matmul: str = "fp32") -> None:
         if model is not None and not isinstance(model, (str, Path)):
             raise TypeError(f"model must be a directory path or None, got {type(model).__name__} "
                             "(use CrossEncoderReranker.from_model for loaded modules)")
@@ -243,6 +246,7 @@ class CrossEncoderReranker:
                 raise ValueError(f"model: {path} is not a Hugging Face model directory (no config.json)")
             net, tokenizer = self._load(path, dtype)
             name = str(path.resolve())
+        apply_matmul(net, matmul)
         self._setup(net, tokenizer, name=name, max_length=max_length, token_budget=token_budget, packed=packed,
                     activation=activation, label=label, device=device)
 

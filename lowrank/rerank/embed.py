@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lowrank.rerank._matmul import apply_matmul, matmul_of
 from lowrank.rerank.data import BeirDataset, DataWarning
 from lowrank.rerank._loop import _candidate_ids, check_rerank_args  # noqa: F401  (_candidate_ids: re-export)
 from lowrank.rerank.retrieve import Run
@@ -96,11 +97,13 @@ class Encoder:
         dtype: weights and activations dtype (pooling and the result are float32).
         device: where the model runs.
         batch_size: texts per forward pass.
+        matmul: "fp32" (the model as loaded) or "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
+            ~2× faster on CPUs with AMX tiles, embeddings within ~1e-5 of fp32; float32 models only).
     """
 
     def __init__(self, model: str | Path | None = None, *, max_seq_length: int | None = None,
                  pooling: str | None = None, normalize: bool | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+                 device: str | torch.device = "cpu", batch_size: int = 32, matmul: str = "fp32") -> None:
         if model is not None and not isinstance(model, (str, Path)):
             raise TypeError(f"model must be a directory path or None, got {type(model).__name__} "
                             "(use Encoder.from_model for loaded modules)")
@@ -116,6 +119,7 @@ class Encoder:
         st_cfg = _sentence_transformers_config(path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         net = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+        apply_matmul(net, matmul)
         self._setup(net, tokenizer, name=str(path.resolve()),
                     max_seq_length=max_seq_length if max_seq_length is not None else st_cfg.get("max_seq_length", 256),
                     pooling=pooling if pooling is not None else st_cfg.get("pooling", "mean"),
@@ -158,17 +162,20 @@ class Encoder:
         self.device, self.batch_size = torch.device(device), batch_size
         self.dtype = next(model.parameters()).dtype
         self.dim = int(model.config.hidden_size)
+        self.matmul = matmul_of(model)
         # running totals: encode() throughput = texts / seconds; padding overhead = padded_tokens / tokens
         self.stats = {"texts": 0, "truncated": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, max_seq_length={self.max_seq_length}, pooling={self.pooling!r}, "
-                f"normalize={self.normalize}, dtype={self.dtype}, device={self.device})")
+                f"normalize={self.normalize}, dtype={self.dtype}, device={self.device}, matmul={self.matmul!r})")
 
     @property
     def fingerprint(self) -> str:
         """Everything that changes an embedding: keys the on-disk embedding caches."""
-        return f"{self.name}|len={self.max_seq_length}|{self.pooling}|norm={self.normalize}|{self.dtype}"
+        key = f"{self.name}|len={self.max_seq_length}|{self.pooling}|norm={self.normalize}|{self.dtype}"
+        # fp32 keys are unchanged so that caches written before the option existed stay valid
+        return key if self.matmul == "fp32" else f"{key}|matmul={self.matmul}"
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]] | None, int]:
         """(input_ids, token_type_ids or None, number truncated), truncated to max_seq_length as the tokenizer does."""

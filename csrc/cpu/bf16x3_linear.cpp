@@ -1,0 +1,295 @@
+// fp32 linear on the bf16 tile unit, each operand split in two bf16 halves ("bf16x3"), CPU (AMX).
+//   y = x·Wᵀ + b  computed as  x_hi·W_hiᵀ + x_hi·W_loᵀ + x_lo·W_hiᵀ  with fp32 accumulation, where
+//   v_hi = bf16(v) (round to nearest even) and v_lo = bf16(v − v_hi).
+// Why: an fp32 GEMM on this CPU runs on the AVX-512 FMA units (MKL sgemm, ~250 GFLOP/s on 2 cores), while the
+// AMX tile unit does 16× the multiply-adds per cycle in bf16. v_hi + v_lo keeps 16 of fp32's 24 significand bits
+// (|v − v_hi − v_lo| ≤ 2⁻¹⁸|v|), each bf16 product is exact in fp32, and the dropped x_lo·W_lo term is ≤ 2⁻¹⁸
+// of the product: ~4e-6 relative per product against fp32's 6e-8, at a third of the tile unit's speed.
+// Layouts:
+//   packed weight  [Nt][Kc][2][16][32] bf16: for 16 output features (Nt = ⌈N/16⌉) and 32 inputs (Kc = ⌈K/32⌉)
+//                  the B tiles of W_hi then W_lo in the VNNI pair layout (row i holds k = 2i, 2i+1 of each of the
+//                  16 features); zero padded. Built once per weight by bf16x3_pack.
+//   x panel        [PR][Kp] bf16 twice (hi, lo), Kp = 32·Kc, built per thread from PR fp32 rows of x and reused
+//                  for every output tile, zero padded past K and past the last row.
+// Non-finite values: v_hi = ±inf/NaN carries them and v_lo is 0, so inf and NaN propagate as in fp32; |v| above
+// bf16's largest finite value (3.39e38) rounds to inf.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/amx_tiles.h"
+#include "cpu/isa.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
+#define LOWRANK_HAVE_BF16X3_AMX 1
+#define LOWRANK_AMX_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
+#else
+#define LOWRANK_HAVE_BF16X3_AMX 0
+#endif
+
+namespace lowrank {
+namespace {
+
+using bf16 = c10::BFloat16;
+using cpu::TileConfig;
+constexpr int64_t kTileElems = 16 * 32;  // one B tile: 16 pair rows × 16 features × 2
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void check_weight(const at::Tensor& weight, const char* op) {
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, op, ": weight must be float32, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": weight must be on the CPU, got ", weight.device());
+}
+
+at::Tensor bf16x3_pack_cpu(const at::Tensor& weight) {
+  check_weight(weight, "bf16x3_pack");
+  const int64_t N = weight.size(0), K = weight.size(1), Nt = ceil_div(N, 16), Kc = ceil_div(K, 32);
+  at::Tensor out = at::zeros({Nt, Kc, 2, 16, 32}, weight.options().dtype(at::kBFloat16));
+  const at::Tensor w = weight.contiguous();
+  const float* W = w.const_data_ptr<float>();
+  bf16* O = out.mutable_data_ptr<bf16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t t = n / 16, j = n % 16;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = W[n * K + k];
+        const bf16 hi(v);  // c10's float → bf16 rounds to nearest even
+        const float d = v - static_cast<float>(hi);
+        const bf16 lo(std::isfinite(d) ? d : 0.f);
+        bf16* tile = O + ((t * Kc + k / 32) * 2) * kTileElems + ((k % 32) / 2) * 32 + 2 * j + (k % 2);
+        tile[0] = hi;
+        tile[kTileElems] = lo;
+      }
+    }
+  });
+  return out;
+}
+
+#if LOWRANK_HAVE_BF16X3_AMX
+// Tiles 0–3: C (two row halves × two feature tiles, 16×16 fp32); 4/5: A (x rows 0–15 / 16–31, 32 k); 6/7: B.
+LOWRANK_AMX_BF16 void load_config(TileConfig& cfg) {
+  cfg = TileConfig{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// rows of x (fp32, row stride ldx) → hi and lo panels [PR][Kp]; rows past `rows` and columns past K are zero.
+LOWRANK_AMX_BF16 void split_rows(const float* x, int64_t ldx, int64_t rows, int64_t PR, int64_t K, int64_t Kp,
+                                 bf16* hi, bf16* lo) {
+  for (int64_t i = 0; i < PR; ++i) {
+    bf16* h = hi + i * Kp;
+    bf16* l = lo + i * Kp;
+    if (i >= rows) {
+      std::memset(static_cast<void*>(h), 0, Kp * sizeof(bf16));
+      std::memset(static_cast<void*>(l), 0, Kp * sizeof(bf16));
+      continue;
+    }
+    const float* xr = x + i * ldx;
+    for (int64_t k = 0; k < Kp; k += 16) {
+      const __mmask16 m = k + 16 <= K ? (__mmask16)0xFFFF : k < K ? (__mmask16)((1u << (K - k)) - 1u) : 0;
+      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
+      const __m256i vh = (__m256i)_mm512_cvtneps_pbh(v);
+      const __m512 vhf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(vh), 16));
+      const __m512 d = _mm512_sub_ps(v, vhf);
+      // inf − inf and NaN − NaN: the high half carries the value, the low half is 0 (0x99 = NaN or ±inf)
+      const __mmask16 bad = _mm512_fpclass_ps_mask(d, 0x99);
+      const __m256i vl = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps((__mmask16)~bad, d));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k), vh);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + k), vl);
+    }
+  }
+}
+
+// C[32 rows × 16·NB features] = Σ over Kc chunks of the three products; A rows from the hi/lo panels (row
+// stride lda bytes), B tiles from the packed weight (b0, b1 point at the first chunk of each feature tile).
+// Stores the C tiles to c (row stride ldc bytes). Per chunk: 6 or 8 tile loads for 6 or 12 tile products.
+template <int NB>
+LOWRANK_AMX_BF16 void block_kernel(const bf16* ahi, const bf16* alo, int64_t lda, const bf16* b0, const bf16* b1,
+                                   int64_t Kc, float* c, int64_t ldc) {
+  _tile_zero(0);
+  _tile_zero(2);
+  if constexpr (NB == 2) {
+    _tile_zero(1);
+    _tile_zero(3);
+  }
+  const int64_t a16 = 16 * lda;  // bytes to the second row half
+  for (int64_t kc = 0; kc < Kc; ++kc) {
+    const char* ah = reinterpret_cast<const char*>(ahi + kc * 32);
+    const char* al = reinterpret_cast<const char*>(alo + kc * 32);
+    const bf16* bt0 = b0 + kc * 2 * kTileElems;
+    const bf16* bt1 = NB == 2 ? b1 + kc * 2 * kTileElems : nullptr;
+    _tile_loadd(4, ah, lda);
+    _tile_loadd(5, ah + a16, lda);
+    _tile_loadd(6, bt0 + kTileElems, 64);  // W_lo
+    if constexpr (NB == 2) _tile_loadd(7, bt1 + kTileElems, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NB == 2) {
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_loadd(6, bt0, 64);  // W_hi
+    if constexpr (NB == 2) _tile_loadd(7, bt1, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NB == 2) {
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_loadd(4, al, lda);  // x_lo
+    _tile_loadd(5, al + a16, lda);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NB == 2) {
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  char* cb = reinterpret_cast<char*>(c);
+  _tile_stored(0, cb, ldc);
+  _tile_stored(2, cb + 16 * ldc, ldc);
+  if constexpr (NB == 2) {
+    _tile_stored(1, cb + 64, ldc);
+    _tile_stored(3, cb + 16 * ldc + 64, ldc);
+  }
+}
+
+// y[rows × cols] = acc + bias, rows ≤ 32, cols ≤ 32 (acc row stride 32 floats).
+LOWRANK_AMX_BF16 void store_block(const float* acc, int64_t rows, int64_t cols, const float* bias, float* y,
+                                  int64_t ldy) {
+  for (int64_t v = 0; v < cols; v += 16) {
+    const __mmask16 m = cols - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - v)) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + v) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i)
+      _mm512_mask_storeu_ps(y + i * ldy + v, m, _mm512_add_ps(b, _mm512_loadu_ps(acc + i * 32 + v)));
+  }
+}
+
+struct Problem {
+  const float* x;
+  int64_t ldx, T, K, Kc, Kp, N, Nt, Npairs, PR, chunks, per_chunk;
+  const bf16* packed;
+  const float* bias;
+  float* y;
+};
+
+// Tasks [task0, task1) of (row panel, feature chunk), panel-major, so consecutive tasks share the split panel.
+LOWRANK_AMX_BF16 void run_tasks(const Problem& P, int64_t task0, int64_t task1) {
+  TileConfig cfg;
+  load_config(cfg);
+  std::vector<bf16> hi(P.PR * P.Kp), lo(P.PR * P.Kp);
+  alignas(64) float acc[32 * 32];
+  int64_t have = -1;
+  for (int64_t task = task0; task < task1; ++task) {
+    const int64_t p = task / P.chunks, q = task % P.chunks;
+    const int64_t r0 = p * P.PR, rows = std::min(P.PR, P.T - r0);
+    if (p != have) {
+      split_rows(P.x + r0 * P.ldx, P.ldx, rows, ceil_div(rows, 32) * 32, P.K, P.Kp, hi.data(), lo.data());
+      have = p;
+    }
+    const int64_t np0 = q * P.per_chunk, np1 = std::min(P.Npairs, np0 + P.per_chunk);
+    for (int64_t np = np0; np < np1; ++np) {
+      const int64_t t0 = 2 * np, nb = std::min<int64_t>(2, P.Nt - t0);
+      const int64_t n0 = 16 * t0, cols = std::min<int64_t>(16 * nb, P.N - n0);
+      const bf16* b0 = P.packed + t0 * P.Kc * 2 * kTileElems;
+      const bf16* b1 = b0 + P.Kc * 2 * kTileElems;
+      for (int64_t i0 = 0; i0 < rows; i0 += 32) {
+        const int64_t rb = std::min<int64_t>(32, rows - i0);
+        const bf16* ah = hi.data() + i0 * P.Kp;
+        const bf16* al = lo.data() + i0 * P.Kp;
+        float* yb = P.y + (r0 + i0) * P.N + n0;
+        // A full block without bias goes straight to y; otherwise through acc for the bias and the edges.
+        const bool direct = rb == 32 && cols == 32 && P.bias == nullptr;
+        float* c = direct ? yb : acc;
+        const int64_t ldc = direct ? P.N * 4 : 32 * 4;
+        if (nb == 2)
+          block_kernel<2>(ah, al, P.Kp * 2, b0, b1, P.Kc, c, ldc);
+        else
+          block_kernel<1>(ah, al, P.Kp * 2, b0, b1, P.Kc, c, ldc);
+        if (!direct) store_block(acc, rb, cols, P.bias ? P.bias + n0 : nullptr, yb, P.N);
+      }
+    }
+  }
+  _tile_release();
+}
+
+void linear_amx(const float* x, int64_t ldx, int64_t T, int64_t K, const bf16* packed, int64_t N, const float* bias,
+                float* y) {
+  Problem P{x, ldx, T, K, 0, 0, N, 0, 0, 0, 0, 0, packed, bias, y};
+  P.Kc = ceil_div(K, 32);
+  P.Kp = 32 * P.Kc;
+  P.Nt = ceil_div(N, 16);
+  P.Npairs = ceil_div(P.Nt, 2);
+  // A panel of PR rows (hi + lo: 4·PR·Kp bytes) stays in L2 while every feature tile passes over it; each pair of
+  // feature tiles (8·Kp bytes of B tiles) is read once per panel and reused for PR / 32 row blocks.
+  P.PR = std::clamp<int64_t>((int64_t(1) << 20) / (4 * P.Kp) / 32 * 32, 32, 256);
+  const int64_t panels = ceil_div(T, P.PR);
+  const int64_t threads = at::get_num_threads();
+  // Few panels (short inputs): split the features too, so that every thread has work.
+  P.chunks = std::min<int64_t>(P.Npairs, std::max<int64_t>(1, ceil_div(2 * threads, panels)));
+  P.per_chunk = ceil_div(P.Npairs, P.chunks);
+  at::parallel_for(0, panels * P.chunks, 1, [&](int64_t t0, int64_t t1) { run_tasks(P, t0, t1); });
+}
+#endif  // LOWRANK_HAVE_BF16X3_AMX
+
+at::Tensor bf16x3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& packed) {
+  check_weight(weight, "bf16x3_linear");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "bf16x3_linear: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "bf16x3_linear: x must be 2-D [T, in], got ", x.sizes());
+  const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == K, "bf16x3_linear: x [T, in=", K, "] does not match weight ", weight.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat, "bf16x3_linear: bias must be float32, got ",
+                     bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bf16x3_linear: bias must be [out=", N, "], got ",
+                      bias->sizes());
+  }
+  const int64_t Nt = ceil_div(N, 16), Kc = ceil_div(K, 32);
+  if (packed.has_value() && packed->defined()) {
+    TORCH_CHECK_VALUE(packed->scalar_type() == at::kBFloat16 && packed->is_contiguous() &&
+                          packed->sizes() == at::IntArrayRef({Nt, Kc, 2, 16, 32}),
+                      "bf16x3_linear: packed must be the contiguous bf16 [", Nt, ", ", Kc,
+                      ", 2, 16, 32] of bf16x3_pack(weight), got ", packed->scalar_type(), " ", packed->sizes());
+  }
+#if LOWRANK_HAVE_BF16X3_AMX
+  TORCH_CHECK(cpu::cpu_isa() >= cpu::CpuIsa::kAmx, "bf16x3_linear: the CPU kernel needs AMX-BF16 tiles; this CPU (",
+              cpu::isa_name(cpu::cpu_isa()), ") has none: use backend='torch'");
+  at::Tensor out = at::empty({T, N}, x.options());
+  if (T == 0 || N == 0) return out;
+  if (K == 0) return has_bias ? bias->expand({T, N}).contiguous() : out.zero_();
+  const at::Tensor pw = packed.has_value() && packed->defined() ? *packed : bf16x3_pack_cpu(weight);
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  linear_amx(xc.const_data_ptr<float>(), xc.stride(0), T, K, pw.const_data_ptr<bf16>(), N,
+             has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>());
+  return out;
+#else
+  TORCH_CHECK(false, "bf16x3_linear: the CPU kernel was built without AMX support (needs x86-64 Linux with GCC)");
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("bf16x3_pack", &bf16x3_pack_cpu);
+  m.impl("bf16x3_linear", &bf16x3_linear_cpu);
+}
+
+}  // namespace lowrank

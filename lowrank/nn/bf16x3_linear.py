@@ -1,0 +1,115 @@
+"""``Bf16x3Linear``: an fp32 ``nn.Linear`` whose product runs on bf16 matrix hardware (three bf16 products).
+
+    y = x·Wᵀ + b,   computed as  x_hi·W_hiᵀ + x_hi·W_loᵀ + x_lo·W_hiᵀ + b   (v_hi = bf16(v), v_lo = bf16(v − v_hi))
+
+Shapes: x [..., in], weight W [out, in], bias b [out], y [..., out], all float32. Outputs agree with fp32
+``F.linear`` to ~1e-5 relative (not bit for bit; see :mod:`lowrank.ops.bf16x3_linear`); on a CPU with AMX tiles
+the layer runs about twice as fast as fp32 ``nn.Linear``. Meant for inference of fp32 models whose outputs must
+match the fp32 model closely (rerankers: scores to 1e-4); the gradients are the fp32 linear's own.
+
+:func:`use_bf16x3` converts every ``nn.Linear`` of a model in place, sharing the parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank.ops.bf16x3_linear import BACKENDS, bf16x3_linear, pack_bf16x3
+from lowrank.ops._backends import select
+
+__all__ = ["Bf16x3Linear", "use_bf16x3"]
+
+
+class Bf16x3Linear(nn.Module):
+    """``nn.Linear`` (float32) computed by :func:`lowrank.ops.bf16x3_linear`.
+
+    Args:
+        in_features, out_features: layer sizes.
+        bias: whether the layer has a bias [out].
+        backend: as in :func:`lowrank.ops.bf16x3_linear`; checked when the module is built.
+        device: of the parameters (float32 always).
+
+    Parameters: ``weight`` [out, in], ``bias`` [out] or None, as ``nn.Linear`` (same names, so state dicts load
+    either way). With the CPU kernel the module keeps the weight's bf16 halves in tile layout (a non-persistent
+    buffer, 4 bytes per weight): packed at the first forward and again whenever the weight changes (its version
+    counter or storage moves, e.g. after an optimizer step or ``load_state_dict``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, backend: str = "auto",
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Bf16x3Linear: {name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=torch.float32))
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32)) if bias else None)
+        self.backend = backend
+        self._check_backend(self.weight.device)
+        self._packed: torch.Tensor | None = None
+        self._packed_key: tuple[int, int] | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _check_backend(self, device: torch.device) -> str:
+        return select("bf16x3_linear", BACKENDS, self.backend, device, torch.float32).name
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, backend: str = "auto") -> Bf16x3Linear:
+        """A module sharing ``linear``'s weight and bias Parameters (no copy): training either trains both."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Bf16x3Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.dtype != torch.float32:
+            raise TypeError(f"Bf16x3Linear.from_linear: the layer must be float32, got {linear.weight.dtype}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.backend = backend
+        self._check_backend(self.weight.device)
+        self._packed, self._packed_key = None, None
+        return self
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        if self.weight.device.type != "cpu" or self._check_backend(self.weight.device) != "cpp":
+            return None
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None or key != self._packed_key:
+            self._packed = pack_bf16x3(self.weight.detach())
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = None if torch.compiler.is_compiling() else self._packed_weight()
+        return bf16x3_linear(x, self.weight, self.bias, packed=packed, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={self.backend!r}")
+
+
+def use_bf16x3(model: nn.Module, *, backend: str = "auto") -> int:
+    """Replace every float32 ``nn.Linear`` (exact type, not subclasses) inside ``model`` by a
+    :class:`Bf16x3Linear` sharing its Parameters; returns how many were replaced.
+
+    Raises :class:`~lowrank.BackendUnavailableError` (before changing anything) when ``backend`` cannot run on the
+    model's device; layers of other dtypes are left as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"use_bf16x3: model must be an nn.Module, got {type(model).__name__}")
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and child.weight.dtype == torch.float32]
+    for device in {child.weight.device for _, _, child in targets}:
+        select("bf16x3_linear", BACKENDS, backend, device, torch.float32)
+    for parent, name, child in targets:
+        setattr(parent, name, Bf16x3Linear.from_linear(child, backend=backend))
+    return len(targets)

@@ -1,0 +1,30 @@
+"""Reference fp32 linear through bf16 halves ("bf16x3").
+
+    v_hi = bf16(v)  (round to nearest even),   v_lo = bf16(v - v_hi)   (0 where v - v_hi is not finite)
+    y = x_hi · W_hiᵀ + x_hi · W_loᵀ + x_lo · W_hiᵀ + bias
+
+Shapes: x [..., in], weight [out, in], bias [out] or None, all float32; y [..., out] float32. Every product of two
+bf16 numbers is exact in fp32, so the kernels differ from this reference only in the order of their fp32 sums.
+Against the exact x·Wᵀ each product is off by at most ~2⁻¹⁷ relative (x_lo and W_lo keep 16 of fp32's 24
+significand bits, and x_lo·W_lo is dropped): the result matches fp32 F.linear to ~1e-5 relative, not bit for bit.
+The halves are computed in fp32 and the three products are fp32 matmuls of exactly representable values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bf16_halves(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_hi, v_lo) as float32 tensors holding bf16 values, v_hi + v_lo ≈ v to 2⁻¹⁸ relative."""
+    hi = v.to(torch.bfloat16).to(v.dtype)
+    d = v - hi
+    lo = torch.where(torch.isfinite(d), d, torch.zeros_like(d)).to(torch.bfloat16).to(v.dtype)
+    return hi, lo
+
+
+def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The specification of ``lowrank.ops.bf16x3_linear``; differentiable by torch's own autograd."""
+    x_hi, x_lo = bf16_halves(x)
+    w_hi, w_lo = bf16_halves(weight)
+    return F.linear(x_hi, w_hi, bias) + F.linear(x_hi, w_lo) + F.linear(x_lo, w_hi)
