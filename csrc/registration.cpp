@@ -88,8 +88,9 @@ TORCH_LIBRARY(lowrank, m) {
   // inside the call. The _triton twin splits in the kernel and takes no packed weight.
   m.set_python_module("lowrank.ops.bf16x3_linear");
   m.def("bf16x3_pack(Tensor weight) -> Tensor");
-  m.def("bf16x3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? packed) -> Tensor");
-  m.def("bf16x3_linear_triton(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // activation: "none" or "gelu" (erf form, applied to the fp32 result in the kernel's epilogue).
+  m.def("bf16x3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? packed, str activation) -> Tensor");
+  m.def("bf16x3_linear_triton(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
 }
 
 // A module init so that `import lowrank._C` loads the library (and runs the registrations above) without

@@ -52,18 +52,69 @@ void check_weight(const at::Tensor& weight, const char* op) {
   TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": weight must be on the CPU, got ", weight.device());
 }
 
+#if LOWRANK_HAVE_BF16X3_AMX
+// Rows [n0, n1) of W (fp32, row stride ldw) into the packed layout: each pair (k, k+1) of a row is one 32-bit
+// unit, at [n / 16][k / 32][part][(k % 32) / 2][n % 16].
+LOWRANK_AMX_BF16 void pack_rows(const float* W, int64_t ldw, int64_t K, int64_t Kc, int64_t n0, int64_t n1,
+                                uint32_t* O) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t t = n / 16, j = n % 16;
+    for (int64_t c = 0; c < Kc; ++c) {
+      uint32_t* hi = O + ((t * Kc + c) * 2) * (kTileElems / 2) + j;  // 32-bit units; tile rows are 16 units
+      uint32_t* lo = hi + kTileElems / 2;
+      const int64_t k0 = 32 * c;
+      const int64_t left = K - k0;
+      const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+      const __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left > 16 ? (__mmask16)((1u << (left - 16)) - 1u) : 0;
+      alignas(64) uint16_t h[32], l[32];
+      for (int v = 0; v < 2; ++v) {
+        const __m512 x = _mm512_maskz_loadu_ps(v ? m1 : m0, W + n * ldw + k0 + 16 * v);
+        const __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
+        const __m512 d = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16)));
+        const __m256i xl = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps((__mmask16)~_mm512_fpclass_ps_mask(d, 0x99), d));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(h + 16 * v), xh);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(l + 16 * v), xl);
+      }
+      const uint32_t* h32 = reinterpret_cast<const uint32_t*>(h);
+      const uint32_t* l32 = reinterpret_cast<const uint32_t*>(l);
+      for (int i = 0; i < 16; ++i) {
+        hi[16 * i] = h32[i];
+        lo[16 * i] = l32[i];
+      }
+    }
+  }
+}
+#endif
+
 at::Tensor bf16x3_pack_cpu(const at::Tensor& weight) {
   check_weight(weight, "bf16x3_pack");
   const int64_t N = weight.size(0), K = weight.size(1), Nt = ceil_div(N, 16), Kc = ceil_div(K, 32);
-  at::Tensor out = at::zeros({Nt, Kc, 2, 16, 32}, weight.options().dtype(at::kBFloat16));
-  const at::Tensor w = weight.contiguous();
+  if (N == 0 || K == 0) return at::zeros({Nt, Kc, 2, 16, 32}, weight.options().dtype(at::kBFloat16));
+  const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const float* W = w.const_data_ptr<float>();
+  const int64_t ldw = w.stride(0);
+#if LOWRANK_HAVE_BF16X3_AMX
+  if (cpu::cpu_isa() >= cpu::CpuIsa::kAvx512Bf16) {
+    // Every unit of rows < N is written (k past K as zeros), so only the padding features of the last tile need
+    // clearing: no memset of the whole buffer (it is packed per call by lora_linear).
+    at::Tensor out = at::empty({Nt, Kc, 2, 16, 32}, weight.options().dtype(at::kBFloat16));
+    uint32_t* O = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<bf16>());
+    if (N % 16) {
+      uint32_t* last = O + (Nt - 1) * Kc * 2 * (kTileElems / 2);
+      for (int64_t u = 0; u < Kc * 2 * 16; ++u)
+        std::fill(last + u * 16 + N % 16, last + u * 16 + 16, 0u);
+    }
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { pack_rows(W, ldw, K, Kc, n0, n1, O); });
+    return out;
+  }
+#endif
+  at::Tensor out = at::zeros({Nt, Kc, 2, 16, 32}, weight.options().dtype(at::kBFloat16));
   bf16* O = out.mutable_data_ptr<bf16>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t t = n / 16, j = n % 16;
       for (int64_t k = 0; k < K; ++k) {
-        const float v = W[n * K + k];
+        const float v = W[n * ldw + k];
         const bf16 hi(v);  // c10's float → bf16 rounds to nearest even
         const float d = v - static_cast<float>(hi);
         const bf16 lo(std::isfinite(d) ? d : 0.f);
@@ -169,14 +220,48 @@ LOWRANK_AMX_BF16 void block_kernel(const bf16* ahi, const bf16* alo, int64_t lda
   }
 }
 
-// y[rows × cols] = acc + bias, rows ≤ 32, cols ≤ 32 (acc row stride 32 floats).
+// e^x for x ≤ 0 (inputs below −88 give 0): x = n·ln2 + r, |r| ≤ ln2/2, e^r by its degree-7 Taylor polynomial
+// (relative error < 3e-9), scaled by 2^n.
+LOWRANK_AMX_BF16 inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n·hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// GELU(v) = v/2 · (1 + erf(v/√2)), erf by Abramowitz & Stegun 7.1.26 (absolute error ≤ 1.5e-7), the formula
+// ATen's own vectorized erf (and so F.gelu on CPU) uses.
+LOWRANK_AMX_BF16 inline __m512 gelu(__m512 v) {
+  const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 a = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a,
+                                                                         _mm512_set1_ps(1.f)));
+  __m512 poly = _mm512_set1_ps(1.061405429f);
+  for (const float c : {-1.453152027f, 1.421413741f, -0.284496736f, 0.254829592f})
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
+  const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+  const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(poly, t), e, _mm512_set1_ps(1.f));  // 1 − t·poly·e^{−z²}
+  const __m512 erf = _mm512_or_ps(erf_abs, _mm512_and_ps(z, _mm512_set1_ps(-0.f)));         // sign of z
+  return _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+
+// y[rows × cols] = act(acc + bias), rows ≤ 32, cols ≤ 32 (acc row stride 32 floats).
+template <bool kGelu>
 LOWRANK_AMX_BF16 void store_block(const float* acc, int64_t rows, int64_t cols, const float* bias, float* y,
                                   int64_t ldy) {
   for (int64_t v = 0; v < cols; v += 16) {
     const __mmask16 m = cols - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - v)) - 1u);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + v) : _mm512_setzero_ps();
-    for (int64_t i = 0; i < rows; ++i)
-      _mm512_mask_storeu_ps(y + i * ldy + v, m, _mm512_add_ps(b, _mm512_loadu_ps(acc + i * 32 + v)));
+    for (int64_t i = 0; i < rows; ++i) {
+      __m512 out = _mm512_add_ps(b, _mm512_loadu_ps(acc + i * 32 + v));
+      if constexpr (kGelu) out = gelu(out);
+      _mm512_mask_storeu_ps(y + i * ldy + v, m, out);
+    }
   }
 }
 
@@ -186,6 +271,7 @@ struct Problem {
   const bf16* packed;
   const float* bias;
   float* y;
+  bool gelu;
 };
 
 // Tasks [task0, task1) of (row panel, feature chunk), panel-major, so consecutive tasks share the split panel.
@@ -214,14 +300,20 @@ LOWRANK_AMX_BF16 void run_tasks(const Problem& P, int64_t task0, int64_t task1) 
         const bf16* al = lo.data() + i0 * P.Kp;
         float* yb = P.y + (r0 + i0) * P.N + n0;
         // A full block without bias goes straight to y; otherwise through acc for the bias and the edges.
-        const bool direct = rb == 32 && cols == 32 && P.bias == nullptr;
+        const bool direct = rb == 32 && cols == 32 && P.bias == nullptr && !P.gelu;
         float* c = direct ? yb : acc;
         const int64_t ldc = direct ? P.N * 4 : 32 * 4;
         if (nb == 2)
           block_kernel<2>(ah, al, P.Kp * 2, b0, b1, P.Kc, c, ldc);
         else
           block_kernel<1>(ah, al, P.Kp * 2, b0, b1, P.Kc, c, ldc);
-        if (!direct) store_block(acc, rb, cols, P.bias ? P.bias + n0 : nullptr, yb, P.N);
+        if (!direct) {
+          const float* bb = P.bias ? P.bias + n0 : nullptr;
+          if (P.gelu)
+            store_block<true>(acc, rb, cols, bb, yb, P.N);
+          else
+            store_block<false>(acc, rb, cols, bb, yb, P.N);
+        }
       }
     }
   }
@@ -229,8 +321,8 @@ LOWRANK_AMX_BF16 void run_tasks(const Problem& P, int64_t task0, int64_t task1) 
 }
 
 void linear_amx(const float* x, int64_t ldx, int64_t T, int64_t K, const bf16* packed, int64_t N, const float* bias,
-                float* y) {
-  Problem P{x, ldx, T, K, 0, 0, N, 0, 0, 0, 0, 0, packed, bias, y};
+                float* y, bool gelu) {
+  Problem P{x, ldx, T, K, 0, 0, N, 0, 0, 0, 0, 0, packed, bias, y, gelu};
   P.Kc = ceil_div(K, 32);
   P.Kp = 32 * P.Kc;
   P.Nt = ceil_div(N, 16);
@@ -248,8 +340,11 @@ void linear_amx(const float* x, int64_t ldx, int64_t T, int64_t K, const bf16* p
 #endif  // LOWRANK_HAVE_BF16X3_AMX
 
 at::Tensor bf16x3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& packed) {
+                             const std::optional<at::Tensor>& packed, c10::string_view activation) {
   check_weight(weight, "bf16x3_linear");
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu",
+                    "bf16x3_linear: activation must be 'none' or 'gelu', got '", std::string(activation), "'");
+  const bool gelu = activation == "gelu";
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "bf16x3_linear: x must be float32, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "bf16x3_linear: x must be 2-D [T, in], got ", x.sizes());
   const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
@@ -273,12 +368,15 @@ at::Tensor bf16x3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
               cpu::isa_name(cpu::cpu_isa()), ") has none: use backend='torch'");
   at::Tensor out = at::empty({T, N}, x.options());
   if (T == 0 || N == 0) return out;
-  if (K == 0) return has_bias ? bias->expand({T, N}).contiguous() : out.zero_();
+  if (K == 0) {
+    at::Tensor z = has_bias ? bias->expand({T, N}).contiguous() : out.zero_();
+    return gelu ? at::gelu(z) : z;
+  }
   const at::Tensor pw = packed.has_value() && packed->defined() ? *packed : bf16x3_pack_cpu(weight);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   linear_amx(xc.const_data_ptr<float>(), xc.stride(0), T, K, pw.const_data_ptr<bf16>(), N,
-             has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>());
+             has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), gelu);
   return out;
 #else
   TORCH_CHECK(false, "bf16x3_linear: the CPU kernel was built without AMX support (needs x86-64 Linux with GCC)");
@@ -286,6 +384,20 @@ at::Tensor bf16x3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 }
 
 }  // namespace
+
+namespace cpu {
+bool bf16x3_supported() {
+#if LOWRANK_HAVE_BF16X3_AMX
+  return cpu_isa() >= CpuIsa::kAmx;
+#else
+  return false;
+#endif
+}
+
+at::Tensor bf16x3_linear(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return bf16x3_linear_cpu(x2, w, bias, std::nullopt, "none");
+}
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("bf16x3_pack", &bf16x3_pack_cpu);

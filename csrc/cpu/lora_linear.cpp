@@ -11,8 +11,8 @@
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
 // B = 0 the update adds exact zeros, so a fresh LoRALinear reproduces its Linear bit for bit, except where the base
 // GEMM is not the one F.linear uses (fp32 at 2–64 tokens of large weights on Intel, and off Intel under
-// float32_matmul_precision "high"/"medium": oneDNN; bf16 at 1–3 tokens: the fused decode pass), which sum in
-// another order. No output-sized temporary is allocated, and the whole layer is one
+// float32_matmul_precision "high"/"medium": oneDNN, on AMX under "high"/"medium" from 1024 tokens: bf16x3, which
+// is ~1e-5 relative from fp32; bf16 at 1–3 tokens: the fused decode pass), which sum in another order. No output-sized temporary is allocated, and the whole layer is one
 // dispatcher call, which is what decode (few tokens) is bound by. fp64 (the gradcheck dtype) runs the same steps
 // on ATen's double GEMMs (cpu/lowrank_kernels.h keeps its intermediates in fp64).
 #include <ATen/ATen.h>
@@ -50,9 +50,22 @@ bool use_onednn_base(const at::Tensor& x2, const at::Tensor& weight) {
   return cpu::has_avx512_bf16() && T >= 2 && T <= 64 && weight.numel() >= (int64_t{1} << 22);
 }
 
+// fp32 under float32_matmul_precision "high" or "medium" on AMX, from this many tokens: the base GEMM is bf16x3
+// (x and W as sums of two bf16 numbers, three tile products, fp32 sums: what torch documents "high" to allow),
+// ~2× faster than MKL's sgemm. W is split and packed per call (a pass over it plus a fresh buffer of its size:
+// ~1.8 ns a weight, measured 30 ms for 4096², which made 512×4096² 1.15× the Linear); the GEMM saves ~3.3 ps a
+// weight per token, so the break-even is ~550 tokens.
+constexpr int64_t kBf16x3MinT = 1024;
+
+bool use_bf16x3_base(const at::Tensor& x2) {
+  return x2.scalar_type() == at::kFloat && x2.size(0) >= kBf16x3MinT && cpu::bf16x3_supported() &&
+         at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+}
+
 // y = x·Wᵀ + b with beta = 0 (a fresh output, written once).
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
+  if (use_bf16x3_base(x2)) return cpu::bf16x3_linear(x2.stride(1) == 1 ? x2 : x2.contiguous(), weight, bias);
   if (use_onednn_base(x2, weight)) return cpu::onednn_linear(x2, weight, bias);
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }

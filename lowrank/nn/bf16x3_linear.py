@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowrank.ops.bf16x3_linear import BACKENDS, bf16x3_linear, pack_bf16x3
@@ -22,12 +23,19 @@ from lowrank.ops._backends import select
 __all__ = ["Bf16x3Linear", "use_bf16x3"]
 
 
+def _check_activation(activation: str) -> str:
+    if activation not in ("none", "gelu"):
+        raise ValueError(f"Bf16x3Linear: activation must be 'none' or 'gelu', got {activation!r}")
+    return activation
+
+
 class Bf16x3Linear(nn.Module):
     """``nn.Linear`` (float32) computed by :func:`lowrank.ops.bf16x3_linear`.
 
     Args:
         in_features, out_features: layer sizes.
         bias: whether the layer has a bias [out].
+        activation: "none", or "gelu" for ``F.gelu`` (erf form) of the output, fused into the kernel's epilogue.
         backend: as in :func:`lowrank.ops.bf16x3_linear`; checked when the module is built.
         device: of the parameters (float32 always).
 
@@ -37,8 +45,8 @@ class Bf16x3Linear(nn.Module):
     counter or storage moves, e.g. after an optimizer step or ``load_state_dict``).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, backend: str = "auto",
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, activation: str = "none",
+                 backend: str = "auto", device: torch.device | str | None = None) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -46,7 +54,7 @@ class Bf16x3Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=torch.float32))
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32)) if bias else None)
-        self.backend = backend
+        self.backend, self.activation = backend, _check_activation(activation)
         self._check_backend(self.weight.device)
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple[int, int] | None = None
@@ -63,7 +71,7 @@ class Bf16x3Linear(nn.Module):
         return select("bf16x3_linear", BACKENDS, self.backend, device, torch.float32).name
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, backend: str = "auto") -> Bf16x3Linear:
+    def from_linear(cls, linear: nn.Linear, *, activation: str = "none", backend: str = "auto") -> Bf16x3Linear:
         """A module sharing ``linear``'s weight and bias Parameters (no copy): training either trains both."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Bf16x3Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -74,7 +82,7 @@ class Bf16x3Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.backend = backend
+        self.backend, self.activation = backend, _check_activation(activation)
         self._check_backend(self.weight.device)
         self._packed, self._packed_key = None, None
         return self
@@ -90,19 +98,34 @@ class Bf16x3Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = None if torch.compiler.is_compiling() else self._packed_weight()
-        return bf16x3_linear(x, self.weight, self.bias, packed=packed, backend=self.backend)
+        return bf16x3_linear(x, self.weight, self.bias, packed=packed, activation=self.activation,
+                             backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, backend={self.backend!r}")
+                f"bias={self.bias is not None}, activation={self.activation!r}, backend={self.backend!r}")
 
 
-def use_bf16x3(model: nn.Module, *, backend: str = "auto") -> int:
+def _fusable_gelu(parent: nn.Module) -> bool:
+    """Whether ``parent`` is a transformers BERT-family FFN input block, ``forward(h) = act(dense(h))`` with the
+    exact (erf) GELU, whose activation can move into the Linear's epilogue."""
+    if type(parent).__name__ not in ("BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate"):
+        return False
+    act = getattr(parent, "intermediate_act_fn", None)
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    # transformers.activations.GELUActivation wraps F.gelu (erf) unless built with use_gelu_python
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+
+
+def use_bf16x3(model: nn.Module, *, backend: str = "auto", fuse_gelu: bool = True) -> int:
     """Replace every float32 ``nn.Linear`` (exact type, not subclasses) inside ``model`` by a
     :class:`Bf16x3Linear` sharing its Parameters; returns how many were replaced.
 
-    Raises :class:`~lowrank.BackendUnavailableError` (before changing anything) when ``backend`` cannot run on the
-    model's device; layers of other dtypes are left as they are.
+    With ``fuse_gelu`` a BERT-family FFN block (``BertIntermediate``: ``GELU(dense(h))``, exact GELU) gets
+    ``activation="gelu"`` on its Linear and ``nn.Identity`` as its activation, so the FFN's widest tensor is
+    written once. Raises :class:`~lowrank.BackendUnavailableError` (before changing anything) when ``backend``
+    cannot run on the model's device; layers of other dtypes are left as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"use_bf16x3: model must be an nn.Module, got {type(model).__name__}")
@@ -111,5 +134,9 @@ def use_bf16x3(model: nn.Module, *, backend: str = "auto") -> int:
     for device in {child.weight.device for _, _, child in targets}:
         select("bf16x3_linear", BACKENDS, backend, device, torch.float32)
     for parent, name, child in targets:
-        setattr(parent, name, Bf16x3Linear.from_linear(child, backend=backend))
+        fuse = fuse_gelu and name == "dense" and _fusable_gelu(parent)
+        setattr(parent, name, Bf16x3Linear.from_linear(child, activation="gelu" if fuse else "none",
+                                                       backend=backend))
+        if fuse:
+            parent.intermediate_act_fn = nn.Identity()
     return len(targets)

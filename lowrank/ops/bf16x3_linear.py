@@ -16,9 +16,9 @@ Shapes: x [..., in] float32, weight [out, in] float32, bias [out] float32 or Non
 Ops (schemas in csrc/registration.cpp):
   * ``lowrank::bf16x3_pack(weight)``: W_hi and W_lo as AMX B tiles ([⌈out/16⌉, ⌈in/32⌉, 2, 16, 32] bf16), built once
     per weight (a frozen layer packs at conversion: :class:`lowrank.nn.Bf16x3Linear`).
-  * ``lowrank::bf16x3_linear(x, weight, bias, packed)``: the C++ CPU kernel on AMX tiles (csrc/cpu/bf16x3_linear.cpp);
+  * ``lowrank::bf16x3_linear(x, weight, bias, packed, activation)``: the C++ CPU kernel on AMX tiles (csrc/cpu/bf16x3_linear.cpp);
     packed None packs inside the call.
-  * ``lowrank::bf16x3_linear_triton(x, weight, bias)``: the Triton kernel (kernels/triton/bf16x3_linear.py), which
+  * ``lowrank::bf16x3_linear_triton(x, weight, bias, activation)``: the Triton kernel (kernels/triton/bf16x3_linear.py), which
     splits both operands in registers (three ``tl.dot`` per tile).
 No CUDA kernel: on NVIDIA GPUs fp32 GEMMs already have TF32 / cuBLAS emulation paths, and none can run here.
 """
@@ -40,25 +40,29 @@ def _fake_pack(weight):
 
 
 @torch.library.register_fake("lowrank::bf16x3_linear")
-def _fake_forward(x, weight, bias, packed):
+def _fake_forward(x, weight, bias, packed, activation):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.register_fake("lowrank::bf16x3_linear_triton")
-def _fake_forward_triton(x, weight, bias):
+def _fake_forward_triton(x, weight, bias, activation):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 # ---- autograd: the fp32 linear's own gradients ---------------------------------------------------------
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs[:3]
-    ctx.save_for_backward(x, weight)
+    ctx.activation = inputs[-1]
+    ctx.save_for_backward(x, weight, bias if ctx.activation == "gelu" else None)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+    x, weight, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if ctx.activation == "gelu":
+        # the pre-activation is recomputed in fp32 rather than kept alive from the forward
+        grad = torch.ops.aten.gelu_backward(grad, torch.nn.functional.linear(x, weight, bias))
     dx = grad @ weight if need[0] else None
     dw = grad.t() @ x if need[1] else None
     db = grad.sum(0) if ctx.has_bias and need[2] else None
@@ -74,8 +78,8 @@ class _TorchBackend(torch.autograd.Function):
     the rounding of the halves and give W_hi + W_lo instead of W)."""
 
     @staticmethod
-    def forward(x, weight, bias):
-        return _reference(x, weight, bias)
+    def forward(x, weight, bias, activation):
+        return _reference(x, weight, bias, activation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -103,15 +107,20 @@ def _triton_probe(device_type: str) -> tuple[str, ...]:
 
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("cpp", ("cpu",), (torch.float32,), lambda x, w, b, p: torch.ops.lowrank.bf16x3_linear(x, w, b, p),
-            _cpp_probe),
+    Backend("cpp", ("cpu",), (torch.float32,),
+            lambda x, w, b, p, act: torch.ops.lowrank.bf16x3_linear(x, w, b, p, act), _cpp_probe),
     Backend("triton", ("cuda", "cpu"), (torch.float32,),
-            lambda x, w, b, p: torch.ops.lowrank.bf16x3_linear_triton(x, w, b), _triton_probe),
-    Backend("torch", ("cpu", "cuda"), (torch.float32,), lambda x, w, b, p: _TorchBackend.apply(x, w, b)),
+            lambda x, w, b, p, act: torch.ops.lowrank.bf16x3_linear_triton(x, w, b, act), _triton_probe),
+    Backend("torch", ("cpu", "cuda"), (torch.float32,), lambda x, w, b, p, act: _TorchBackend.apply(x, w, b, act)),
 )
 
 
-def _validate(x, weight, bias, packed) -> None:
+ACTIVATIONS = ("none", "gelu")
+
+
+def _validate(x, weight, bias, packed, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"bf16x3_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"bf16x3_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -155,7 +164,7 @@ def pack_bf16x3(weight: torch.Tensor) -> torch.Tensor:
 
 
 def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  packed: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                  packed: torch.Tensor | None = None, activation: str = "none", backend: str = "auto") -> torch.Tensor:
     """fp32 ``x·weightᵀ + bias`` computed from bf16 halves of both operands (three bf16 products, fp32 sums).
 
     .. math:: y = x_{hi} W_{hi}^\\top + x_{hi} W_{lo}^\\top + x_{lo} W_{hi}^\\top + b, \\quad
@@ -169,6 +178,8 @@ def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         bias: ``[out]`` float32 or None.
         packed: :func:`pack_bf16x3` of ``weight`` (CPU kernel only; other backends ignore it), or None to pack in
             the call (costs about one pass over the weight).
+        activation: "none", or "gelu" for ``F.gelu(y)`` (exact erf form) applied in the kernel's epilogue, so that a
+            Linear + GELU (BERT's FFN) writes its output once.
         backend: "auto" (cpp on CPUs with AMX, then triton, then torch) or one of "cpp", "triton", "torch"; a named
             backend that cannot run raises :class:`~lowrank.BackendUnavailableError` with the reasons.
 
@@ -179,8 +190,8 @@ def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         TypeError: non-tensors or a dtype other than float32.
         ValueError: shape mismatch, tensors on different devices, a packed weight of the wrong shape.
     """
-    _validate(x, weight, bias, packed)
+    _validate(x, weight, bias, packed, activation)
     impl = select("bf16x3_linear", BACKENDS, backend, x.device, x.dtype)
     lead = x.shape[:-1]
-    y = impl.fn(x.reshape(-1, x.shape[-1]), weight, bias, packed)
+    y = impl.fn(x.reshape(-1, x.shape[-1]), weight, bias, packed, activation)
     return y.reshape(*lead, weight.shape[0])

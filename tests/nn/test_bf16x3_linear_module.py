@@ -58,6 +58,27 @@ def test_use_bf16x3_converts_fp32_linears_only():
     assert use_bf16x3(model) == 0                     # idempotent
 
 
+def test_bert_ffn_gelu_is_fused():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=50)
+    torch.manual_seed(5)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    n = use_bf16x3(model)
+    assert n == 2 * 6 + 1
+    inter = model.encoder.layer[0].intermediate
+    assert inter.dense.activation == "gelu" and isinstance(inter.intermediate_act_fn, nn.Identity)
+    assert model.encoder.layer[0].output.dense.activation == "none"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
+    plain = transformers.BertModel(cfg).eval()
+    use_bf16x3(plain, fuse_gelu=False)
+    assert plain.encoder.layer[0].intermediate.dense.activation == "none"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         Bf16x3Linear(0, 3)
@@ -71,6 +92,8 @@ def test_bad_arguments():
         use_bf16x3(nn.Sequential(nn.Linear(3, 3, device="meta")), backend="cpp")
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         Bf16x3Linear(3, 3, backend="nope")
+    with pytest.raises(ValueError, match="activation must be 'none' or 'gelu'"):
+        Bf16x3Linear(3, 3, activation="relu")
 
 
 @pytest.mark.skipif(not AMX, reason=f"the packed weight is used by the AMX kernel only; this CPU: {cpu_isa()!r}")

@@ -53,6 +53,32 @@ def test_fp32_matmul_precision_high_allows_the_faster_base_gemm():
         torch.set_float32_matmul_precision(prev)
 
 
+def test_fp32_matmul_precision_high_takes_bf16x3_on_amx():
+    """On AMX, from 1024 tokens, "high" (torch: "each float32 number as the sum of two bfloat16 numbers") runs the
+    fp32 base GEMM as bf16x3: ~1e-5 relative from fp32, not bit-identical; "highest" stays exact."""
+    from lowrank.ops._backends import cpu_isa
+    from lowrank.reference.bf16x3_linear import bf16x3_linear as bf16x3_reference
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    m = _randomize(LoRALinear.from_linear(lin, r=4, alpha=8))
+    x = torch.randn(1024, 64)
+    exact = reference(*(t.double() for t in (x, m.weight, m.bias, m.lora_a, m.lora_b)), m.scaling)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        y = m(x)
+        torch.set_float32_matmul_precision("highest")
+        y_exact = m(x)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    torch.testing.assert_close(y.double(), exact, rtol=1e-4, atol=1e-4)
+    if cpu_isa() == "amx":
+        lora_term = y_exact - lin(x)
+        torch.testing.assert_close(y - lora_term, bf16x3_reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(y, y_exact)
+
+
 def test_pack_policy_follows_dtype_and_keeps_parameters():
     m = _randomize(LoRALinear(33, 17, r=5))
     assert m.pack is None and not m.is_packed  # fp32: unpacked by default

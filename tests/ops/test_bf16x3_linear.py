@@ -58,6 +58,30 @@ def test_parity(backend, shape, bias):
     assert_matches_oracle(out, reference, args)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 255, 33), (255, 384, 130)], ids=lambda s: "T{}-in{}-out{}".format(*s))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_epilogue(backend, shape):
+    if not _small(shape, backend):
+        pytest.skip("shape too large for the Triton interpreter")
+    x, w, b = _make(*shape, seed=3)
+    x = x * 3                                          # pre-activations over GELU's curved range
+    out = bf16x3_linear(x, w, b, activation="gelu", backend=backend)
+    assert_matches_oracle(out, lambda *a: reference(*a, activation="gelu"), [x, w, b])
+    # and against plain fp32 F.gelu(F.linear): the split's error only
+    torch.testing.assert_close(out, F.gelu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_gradients(backend):
+    x, w, b = _make(17, 33, 20, requires_grad=True, seed=4)
+    out = bf16x3_linear(x, w, b, activation="gelu", backend=backend)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, w, b], g)
+    want = torch.autograd.grad(F.gelu(F.linear(x, w, b)), [x, w, b], g)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_close_to_fp32_linear(backend):
     # |x·Wᵀ − bf16x3| ≤ Σ_k |x_k w_k| · 3·2⁻¹⁷ (x_lo, W_lo and the dropped x_lo·W_lo) + fp32 summation
@@ -132,12 +156,13 @@ def test_gradcheck_of_the_backward_formula_fp64():
     x, w, b = (t.double().detach().requires_grad_() for t in _make(3, 5, 4))
 
     class Ctx:
-        saved_tensors = (x, w)
+        saved_tensors = (x, w, None)
         has_bias = True
-        needs_input_grad = (True, True, True, False)
+        activation = "none"
+        needs_input_grad = (True, True, True, False, False)
 
     g = torch.randn(3, 4, dtype=torch.float64)
-    dx, dw, db, _ = _backward(Ctx, g)
+    dx, dw, db, _, _ = _backward(Ctx, g)
     want = torch.autograd.grad(F.linear(x, w, b), [x, w, b], g)
     for a, c in zip((dx, dw, db), want):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
@@ -154,7 +179,8 @@ def test_opcheck(op, bias, requires_grad):
     args = _make(3, 17, 5, bias, requires_grad=requires_grad)
     if op == "bf16x3_linear":
         args.append(pack_bf16x3(args[1].detach()))
-    torch.library.opcheck(getattr(torch.ops.lowrank, op).default, tuple(args))
+    for act in ("none", "gelu"):
+        torch.library.opcheck(getattr(torch.ops.lowrank, op).default, (*args, act))
 
 
 @needs_amx
@@ -203,11 +229,15 @@ def test_bad_input():
         bf16x3_linear([1.0], w)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         bf16x3_linear(x, w, backend="cuda")
+    with pytest.raises(ValueError, match=r"activation must be one of \('none', 'gelu'\)"):
+        bf16x3_linear(x, w, activation="tanh")
     with pytest.raises(ValueError, match="pack_bf16x3: weight must be a 2-D float32 CPU tensor"):
         pack_bf16x3(w.double())
     if AMX:  # the C++ op checks on its own too (direct torch.ops callers)
         with pytest.raises(ValueError, match="packed must be the contiguous bf16"):
-            torch.ops.lowrank.bf16x3_linear(x, w, None, torch.zeros(3, dtype=torch.bfloat16))
+            torch.ops.lowrank.bf16x3_linear(x, w, None, torch.zeros(3, dtype=torch.bfloat16), "none")
+        with pytest.raises(ValueError, match="activation must be 'none' or 'gelu'"):
+            torch.ops.lowrank.bf16x3_linear(x, w, None, None, "relu")
 
 
 def test_cpp_refused_without_amx_says_why():

@@ -1,6 +1,7 @@
 """Triton fp32 linear from bf16 halves: ``y = x_hi·W_hiᵀ + x_hi·W_loᵀ + x_lo·W_hiᵀ + b``.
 
-Shapes: x [T, in] float32 (rows may be strided), weight [out, in] float32, bias [out] or None; y [T, out] float32.
+Shapes: x [T, in] float32 (rows may be strided), weight [out, in] float32, bias [out] or None; y [T, out] float32
+(GELU(y), erf form, for activation "gelu").
 Implements ``lowrank::bf16x3_linear_triton`` (schema in csrc/registration.cpp; fake and autograd in
 lowrank/ops/bf16x3_linear.py). Importing this module registers the CPU (interpreter) and CUDA implementations.
 
@@ -41,7 +42,7 @@ def _bf16x3_linear_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     T, N, K,
     stride_xt, stride_xk, stride_wn, stride_wk, stride_yt,
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -66,11 +67,13 @@ def _bf16x3_linear_kernel(
         acc = tl.dot(x_hi, w_hi, acc, input_precision="ieee", out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_n[None, :], acc,
              mask=mask_t[:, None] & mask_n[None, :])
 
 
-def bf16x3_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def bf16x3_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias, activation: str) -> torch.Tensor:
     """Launch the kernel on validated 2-D float32 ``x``; returns [T, out]."""
     T, K = x.shape
     N = weight.shape[0]
@@ -78,7 +81,8 @@ def bf16x3_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.T
     if T == 0 or N == 0:
         return y
     if K == 0:
-        return y.copy_(bias.expand(T, N)) if bias is not None else y.zero_()
+        y = y.copy_(bias.expand(T, N)) if bias is not None else y.zero_()
+        return torch.nn.functional.gelu(y) if activation == "gelu" else y
     interp = x.device.type != "cuda"
     block_t = 16 if interp else 64
     block_n = 16 if interp else 64
@@ -88,7 +92,7 @@ def bf16x3_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.T
     _bf16x3_linear_kernel[grid](
         x, weight, bias if has_bias else weight, y, T, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0),
-        HAS_BIAS=has_bias, DOT_DTYPE=tl.float32 if interp else tl.bfloat16,
+        HAS_BIAS=has_bias, GELU=activation == "gelu", DOT_DTYPE=tl.float32 if interp else tl.bfloat16,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=1 if interp else 3)
     return y
 
