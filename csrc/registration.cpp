@@ -87,8 +87,9 @@ TORCH_LIBRARY(lowrank, m) {
   // packed = bf16x3_pack(weight) ([⌈out/16⌉, ⌈in/32⌉, 2, 16, 32] bf16 B tiles of W_hi, W_lo) or None to pack
   // inside the call. The _triton twin splits in the kernel and takes no packed weight.
   m.set_python_module("lowrank.ops.bf16x3_linear");
-  m.def("bf16x3_pack(Tensor weight) -> Tensor");
-  // activation: "none" or "gelu" (erf form, applied to the fp32 result in the kernel's epilogue).
+  // activation: "none", "gelu" (erf form, applied to the fp32 result in the kernel's epilogue) or "swiglu"
+  // (weight = [gate; up] [2H, in], bias [2H]: y = silu(x·gateᵀ + b_g) · (x·upᵀ + b_u), [T, H]; packed with gated).
+  m.def("bf16x3_pack(Tensor weight, bool gated=False) -> Tensor");
   m.def("bf16x3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? packed, str activation) -> Tensor");
   m.def("bf16x3_linear_triton(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
 }

@@ -86,8 +86,23 @@ LOWRANK_AMX_BF16 void pack_rows(const float* W, int64_t ldw, int64_t K, int64_t 
 }
 #endif
 
-at::Tensor bf16x3_pack_cpu(const at::Tensor& weight) {
+at::Tensor pack_plain(const at::Tensor& weight);
+
+// gated: weight = [gate; up] ([2H, K]); the B tiles come in pairs (gate features 16t..16t+15, then the same up
+// features), so that one 32-column block of the kernel holds matching gate and up columns for the SwiGLU epilogue.
+at::Tensor bf16x3_pack_cpu(const at::Tensor& weight, bool gated) {
   check_weight(weight, "bf16x3_pack");
+  if (!gated) return pack_plain(weight);
+  TORCH_CHECK_VALUE(weight.size(0) % 2 == 0, "bf16x3_pack: a gated weight stacks gate and up rows ([2H, in]), got ",
+                    weight.sizes());
+  const int64_t H = weight.size(0) / 2, K = weight.size(1), Ht = ceil_div(H, 16);
+  const auto halves = weight.split(H, 0);
+  const at::Tensor g = at::constant_pad_nd(halves[0], {0, 0, 0, Ht * 16 - H}).view({Ht, 1, 16, K});
+  const at::Tensor u = at::constant_pad_nd(halves[1], {0, 0, 0, Ht * 16 - H}).view({Ht, 1, 16, K});
+  return pack_plain(at::cat({g, u}, 1).view({2 * Ht * 16, K}));
+}
+
+at::Tensor pack_plain(const at::Tensor& weight) {
   const int64_t N = weight.size(0), K = weight.size(1), Nt = ceil_div(N, 16), Kc = ceil_div(K, 32);
   if (N == 0 || K == 0) return at::zeros({Nt, Kc, 2, 16, 32}, weight.options().dtype(at::kBFloat16));
   const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
@@ -265,13 +280,35 @@ LOWRANK_AMX_BF16 void store_block(const float* acc, int64_t rows, int64_t cols, 
   }
 }
 
+// y[rows × cols] = silu(acc[:, :16] + bias_g) · (acc[:, 16:] + bias_u), rows ≤ 32, cols ≤ 16: the gate and up
+// halves of one kernel block. silu(g) = g·σ(g), σ from e = exp(−|g|) ≤ 1 (no overflow for either sign).
+LOWRANK_AMX_BF16 void store_swiglu(const float* acc, int64_t rows, int64_t cols, const float* bias_g,
+                                   const float* bias_u, float* y, int64_t ldy) {
+  const __mmask16 m = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+  const __m512 bg = bias_g ? _mm512_maskz_loadu_ps(m, bias_g) : _mm512_setzero_ps();
+  const __m512 bu = bias_u ? _mm512_maskz_loadu_ps(m, bias_u) : _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 g = _mm512_add_ps(bg, _mm512_loadu_ps(acc + i * 32));
+    const __m512 u = _mm512_add_ps(bu, _mm512_loadu_ps(acc + i * 32 + 16));
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sig = _mm512_mask_mul_ps(inv, neg, inv, e);  // σ(g) = 1/(1+e), or e/(1+e) for g < 0
+    _mm512_mask_storeu_ps(y + i * ldy, m, _mm512_mul_ps(_mm512_mul_ps(g, sig), u));
+  }
+}
+
+enum : int { kActNone = 0, kActGelu = 1, kActSwiglu = 2 };
+
 struct Problem {
   const float* x;
   int64_t ldx, T, K, Kc, Kp, N, Nt, Npairs, PR, chunks, per_chunk;
   const bf16* packed;
   const float* bias;
   float* y;
-  bool gelu;
+  int act;       // kActNone, kActGelu, kActSwiglu
+  int64_t ldy;   // output columns: N, or H = N / 2 for SwiGLU
 };
 
 // Tasks [task0, task1) of (row panel, feature chunk), panel-major, so consecutive tasks share the split panel.
@@ -290,29 +327,34 @@ LOWRANK_AMX_BF16 void run_tasks(const Problem& P, int64_t task0, int64_t task1) 
     }
     const int64_t np0 = q * P.per_chunk, np1 = std::min(P.Npairs, np0 + P.per_chunk);
     for (int64_t np = np0; np < np1; ++np) {
+      const bool swiglu = P.act == kActSwiglu;
       const int64_t t0 = 2 * np, nb = std::min<int64_t>(2, P.Nt - t0);
-      const int64_t n0 = 16 * t0, cols = std::min<int64_t>(16 * nb, P.N - n0);
+      // SwiGLU: tiles 2np / 2np + 1 are gate / up of output features 16np..16np+15
+      const int64_t n0 = swiglu ? 16 * np : 16 * t0;
+      const int64_t cols = std::min<int64_t>(swiglu ? 16 : 16 * nb, P.ldy - n0);
       const bf16* b0 = P.packed + t0 * P.Kc * 2 * kTileElems;
       const bf16* b1 = b0 + P.Kc * 2 * kTileElems;
       for (int64_t i0 = 0; i0 < rows; i0 += 32) {
         const int64_t rb = std::min<int64_t>(32, rows - i0);
         const bf16* ah = hi.data() + i0 * P.Kp;
         const bf16* al = lo.data() + i0 * P.Kp;
-        float* yb = P.y + (r0 + i0) * P.N + n0;
+        float* yb = P.y + (r0 + i0) * P.ldy + n0;
         // A full block without bias goes straight to y; otherwise through acc for the bias and the edges.
-        const bool direct = rb == 32 && cols == 32 && P.bias == nullptr && !P.gelu;
+        const bool direct = rb == 32 && cols == 32 && P.bias == nullptr && P.act == kActNone;
         float* c = direct ? yb : acc;
-        const int64_t ldc = direct ? P.N * 4 : 32 * 4;
+        const int64_t ldc = direct ? P.ldy * 4 : 32 * 4;
         if (nb == 2)
           block_kernel<2>(ah, al, P.Kp * 2, b0, b1, P.Kc, c, ldc);
         else
           block_kernel<1>(ah, al, P.Kp * 2, b0, b1, P.Kc, c, ldc);
         if (!direct) {
           const float* bb = P.bias ? P.bias + n0 : nullptr;
-          if (P.gelu)
-            store_block<true>(acc, rb, cols, bb, yb, P.N);
+          if (swiglu)
+            store_swiglu(acc, rb, cols, bb, P.bias ? P.bias + P.ldy + n0 : nullptr, yb, P.ldy);
+          else if (P.act == kActGelu)
+            store_block<true>(acc, rb, cols, bb, yb, P.ldy);
           else
-            store_block<false>(acc, rb, cols, bb, yb, P.N);
+            store_block<false>(acc, rb, cols, bb, yb, P.ldy);
         }
       }
     }
@@ -320,12 +362,14 @@ LOWRANK_AMX_BF16 void run_tasks(const Problem& P, int64_t task0, int64_t task1) 
   _tile_release();
 }
 
+// N: rows of the (packed) weight; for SwiGLU the packed tiles are the interleaved pairs of bf16x3_pack(gated) and
+// the output has N / 2 columns.
 void linear_amx(const float* x, int64_t ldx, int64_t T, int64_t K, const bf16* packed, int64_t N, const float* bias,
-                float* y, bool gelu) {
-  Problem P{x, ldx, T, K, 0, 0, N, 0, 0, 0, 0, 0, packed, bias, y, gelu};
+                float* y, int act) {
+  Problem P{x, ldx, T, K, 0, 0, N, 0, 0, 0, 0, 0, packed, bias, y, act, act == kActSwiglu ? N / 2 : N};
   P.Kc = ceil_div(K, 32);
   P.Kp = 32 * P.Kc;
-  P.Nt = ceil_div(N, 16);
+  P.Nt = act == kActSwiglu ? 2 * ceil_div(N / 2, 16) : ceil_div(N, 16);
   P.Npairs = ceil_div(P.Nt, 2);
   // A panel of PR rows (hi + lo: 4·PR·Kp bytes) stays in L2 while every feature tile passes over it; each pair of
   // feature tiles (8·Kp bytes of B tiles) is read once per panel and reused for PR / 32 row blocks.
@@ -342,9 +386,10 @@ void linear_amx(const float* x, int64_t ldx, int64_t T, int64_t K, const bf16* p
 at::Tensor bf16x3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& packed, c10::string_view activation) {
   check_weight(weight, "bf16x3_linear");
-  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu",
-                    "bf16x3_linear: activation must be 'none' or 'gelu', got '", std::string(activation), "'");
-  const bool gelu = activation == "gelu";
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu" || activation == "swiglu",
+                    "bf16x3_linear: activation must be 'none', 'gelu' or 'swiglu', got '", std::string(activation),
+                    "'");
+  const int act = activation == "gelu" ? kActGelu : activation == "swiglu" ? kActSwiglu : kActNone;
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "bf16x3_linear: x must be float32, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "bf16x3_linear: x must be 2-D [T, in], got ", x.sizes());
   const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
@@ -356,27 +401,33 @@ at::Tensor bf16x3_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bf16x3_linear: bias must be [out=", N, "], got ",
                       bias->sizes());
   }
-  const int64_t Nt = ceil_div(N, 16), Kc = ceil_div(K, 32);
+  TORCH_CHECK_VALUE(act != kActSwiglu || N % 2 == 0, "bf16x3_linear: activation 'swiglu' needs weight = [gate; up] "
+                    "([2H, in]), got ", weight.sizes());
+  const int64_t Nt = act == kActSwiglu ? 2 * ceil_div(N / 2, 16) : ceil_div(N, 16), Kc = ceil_div(K, 32);
+  const int64_t Nout = act == kActSwiglu ? N / 2 : N;
   if (packed.has_value() && packed->defined()) {
     TORCH_CHECK_VALUE(packed->scalar_type() == at::kBFloat16 && packed->is_contiguous() &&
                           packed->sizes() == at::IntArrayRef({Nt, Kc, 2, 16, 32}),
                       "bf16x3_linear: packed must be the contiguous bf16 [", Nt, ", ", Kc,
-                      ", 2, 16, 32] of bf16x3_pack(weight), got ", packed->scalar_type(), " ", packed->sizes());
+                      ", 2, 16, 32] of bf16x3_pack(weight, gated=", act == kActSwiglu ? "True" : "False", "), got ",
+                      packed->scalar_type(), " ", packed->sizes());
   }
 #if LOWRANK_HAVE_BF16X3_AMX
   TORCH_CHECK(cpu::cpu_isa() >= cpu::CpuIsa::kAmx, "bf16x3_linear: the CPU kernel needs AMX-BF16 tiles; this CPU (",
               cpu::isa_name(cpu::cpu_isa()), ") has none: use backend='torch'");
-  at::Tensor out = at::empty({T, N}, x.options());
+  at::Tensor out = at::empty({T, Nout}, x.options());
   if (T == 0 || N == 0) return out;
   if (K == 0) {
-    at::Tensor z = has_bias ? bias->expand({T, N}).contiguous() : out.zero_();
-    return gelu ? at::gelu(z) : z;
+    const at::Tensor z = has_bias ? bias->expand({T, N}).contiguous() : at::zeros({T, N}, x.options());
+    if (act == kActGelu) return at::gelu(z);
+    if (act == kActSwiglu) return at::silu(z.narrow(1, 0, Nout)) * z.narrow(1, Nout, Nout);
+    return z;
   }
-  const at::Tensor pw = packed.has_value() && packed->defined() ? *packed : bf16x3_pack_cpu(weight);
+  const at::Tensor pw = packed.has_value() && packed->defined() ? *packed : bf16x3_pack_cpu(weight, act == kActSwiglu);
   const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   linear_amx(xc.const_data_ptr<float>(), xc.stride(0), T, K, pw.const_data_ptr<bf16>(), N,
-             has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), gelu);
+             has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), act);
   return out;
 #else
   TORCH_CHECK(false, "bf16x3_linear: the CPU kernel was built without AMX support (needs x86-64 Linux with GCC)");

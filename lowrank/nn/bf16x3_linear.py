@@ -20,7 +20,54 @@ from torch import nn
 from lowrank.ops.bf16x3_linear import BACKENDS, bf16x3_linear, pack_bf16x3
 from lowrank.ops._backends import select
 
-__all__ = ["Bf16x3Linear", "use_bf16x3"]
+__all__ = ["Bf16x3GatedMLP", "Bf16x3Linear", "use_bf16x3"]
+
+
+class Bf16x3GatedMLP(nn.Module):
+    """A gated MLP ``down(silu(gate(x)) · up(x))`` (Llama / Mistral / Qwen2) whose gate and up products are one
+    bf16x3 product with the SiLU·mul in its epilogue (``activation="swiglu"``), so the [T, H] gate and up tensors,
+    the SiLU and the product are never materialized separately; ``down`` is a :class:`Bf16x3Linear`.
+
+    Built by :meth:`from_mlp` from a module with ``gate_proj``, ``up_proj``, ``down_proj`` (nn.Linear, float32) and
+    a SiLU ``act_fn``; keeps those three names (Parameters shared, so state dicts load either way). The stacked
+    [gate; up] weight and its tile packing are cached and rebuilt when either weight changes. While autograd
+    records (any of the parameters requires grad and grad mode is on) the unfused path runs, so gradients reach the
+    gate and up Parameters themselves.
+    """
+
+    def __init__(self) -> None:  # use from_mlp
+        super().__init__()
+        self._stacked: tuple | None = None
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, *, backend: str = "auto") -> Bf16x3GatedMLP:
+        self = cls()
+        self.gate_proj = Bf16x3Linear.from_linear(mlp.gate_proj, backend=backend)
+        self.up_proj = Bf16x3Linear.from_linear(mlp.up_proj, backend=backend)
+        self.down_proj = Bf16x3Linear.from_linear(mlp.down_proj, backend=backend)
+        self.backend = backend
+        return self
+
+    def _stacked_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        g, u = self.gate_proj, self.up_proj
+        key = tuple((p.data_ptr(), p._version) for m in (g, u) for p in m.parameters())
+        if self._stacked is None or self._stacked[0] != key:
+            w = torch.cat([g.weight.detach(), u.weight.detach()])
+            b = None if g.bias is None else torch.cat([g.bias.detach(), u.bias.detach()])
+            packed = None
+            if w.device.type == "cpu" and select("bf16x3_linear", BACKENDS, self.backend, w.device,
+                                                   torch.float32).name == "cpp":
+                packed = pack_bf16x3(w, gated=True)
+            self._stacked = (key, w, b, packed)
+        return self._stacked[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recording = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if recording or torch.compiler.is_compiling() or (self.gate_proj.bias is None) != (self.up_proj.bias is None):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        w, b, packed = self._stacked_weight()
+        h = bf16x3_linear(x, w, b, packed=packed, activation="swiglu", backend=self.backend)
+        return self.down_proj(h)
 
 
 def _check_activation(activation: str) -> str:
@@ -118,14 +165,28 @@ def _fusable_gelu(parent: nn.Module) -> bool:
     return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
 
 
-def use_bf16x3(model: nn.Module, *, backend: str = "auto", fuse_gelu: bool = True) -> int:
-    """Replace every float32 ``nn.Linear`` (exact type, not subclasses) inside ``model`` by a
-    :class:`Bf16x3Linear` sharing its Parameters; returns how many were replaced.
+def _fusable_swiglu(m: nn.Module) -> bool:
+    """Whether ``m`` is a transformers gated MLP, ``down(silu(gate(x)) * up(x))``, with float32 nn.Linear parts."""
+    if type(m).__name__ not in ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"):
+        return False
+    parts = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(p) is nn.Linear and p.weight.dtype == torch.float32 for p in parts):
+        return False
+    act = getattr(m, "act_fn", None)
+    # transformers' ACT2FN["silu"]: SiLUActivation (F.silu), or nn.SiLU in older releases
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and parts[0].weight.shape == parts[1].weight.shape
 
-    With ``fuse_gelu`` a BERT-family FFN block (``BertIntermediate``: ``GELU(dense(h))``, exact GELU) gets
-    ``activation="gelu"`` on its Linear and ``nn.Identity`` as its activation, so the FFN's widest tensor is
-    written once. Raises :class:`~lowrank.BackendUnavailableError` (before changing anything) when ``backend``
-    cannot run on the model's device; layers of other dtypes are left as they are.
+
+def use_bf16x3(model: nn.Module, *, backend: str = "auto", fuse: bool = True) -> int:
+    """Replace every float32 ``nn.Linear`` (exact type, not subclasses) inside ``model`` by a
+    :class:`Bf16x3Linear` sharing its Parameters; returns how many Linears now run as bf16x3.
+
+    With ``fuse``, two transformers blocks also get their activation into the kernel's epilogue: a BERT-family
+    FFN input (``BertIntermediate``: ``GELU(dense(h))``, exact GELU) gets ``activation="gelu"`` on its Linear and
+    ``nn.Identity`` as its activation; a gated MLP (``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``Qwen3MLP`` with SiLU)
+    becomes a :class:`Bf16x3GatedMLP`. Raises :class:`~lowrank.BackendUnavailableError` (before changing anything)
+    when ``backend`` cannot run on the model's device; layers of other dtypes are left as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"use_bf16x3: model must be an nn.Module, got {type(model).__name__}")
@@ -133,10 +194,20 @@ def use_bf16x3(model: nn.Module, *, backend: str = "auto", fuse_gelu: bool = Tru
                if type(child) is nn.Linear and child.weight.dtype == torch.float32]
     for device in {child.weight.device for _, _, child in targets}:
         select("bf16x3_linear", BACKENDS, backend, device, torch.float32)
+    count = 0
+    if fuse:
+        mlps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                if _fusable_swiglu(child)]
+        for parent, name, child in mlps:
+            setattr(parent, name, Bf16x3GatedMLP.from_mlp(child, backend=backend))
+            count += 3
+        done = {id(getattr(child, n)) for _, _, child in mlps for n in ("gate_proj", "up_proj", "down_proj")}
+        targets = [t for t in targets if id(t[2]) not in done]
     for parent, name, child in targets:
-        fuse = fuse_gelu and name == "dense" and _fusable_gelu(parent)
-        setattr(parent, name, Bf16x3Linear.from_linear(child, activation="gelu" if fuse else "none",
+        gelu = fuse and name == "dense" and _fusable_gelu(parent)
+        setattr(parent, name, Bf16x3Linear.from_linear(child, activation="gelu" if gelu else "none",
                                                        backend=backend))
-        if fuse:
+        if gelu:
             parent.intermediate_act_fn = nn.Identity()
-    return len(targets)
+        count += 1
+    return count

@@ -28,41 +28,54 @@ import torch
 
 from lowrank.ops._backends import Backend, cpu_isa, has_kernel, select, triton_reasons
 from lowrank.reference import bf16x3_linear as _reference
+from lowrank.reference.bf16x3_linear import activate as _activate
 
 __all__ = ["bf16x3_linear", "pack_bf16x3", "BACKENDS"]
 
 
 # ---- fake (meta) implementations -------------------------------------------------------------------------
+def _packed_shape(weight_shape, gated: bool) -> tuple[int, ...]:
+    out, in_ = weight_shape
+    tiles = 2 * ((out // 2 + 15) // 16) if gated else (out + 15) // 16
+    return (tiles, (in_ + 31) // 32, 2, 16, 32)
+
+
+def _out_features(weight, activation) -> int:
+    return weight.shape[0] // 2 if activation == "swiglu" else weight.shape[0]
+
+
 @torch.library.register_fake("lowrank::bf16x3_pack")
-def _fake_pack(weight):
-    out, in_ = weight.shape
-    return weight.new_empty(((out + 15) // 16, (in_ + 31) // 32, 2, 16, 32), dtype=torch.bfloat16)
+def _fake_pack(weight, gated=False):
+    return weight.new_empty(_packed_shape(weight.shape, gated), dtype=torch.bfloat16)
 
 
 @torch.library.register_fake("lowrank::bf16x3_linear")
 def _fake_forward(x, weight, bias, packed, activation):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((x.shape[0], _out_features(weight, activation)))
 
 
 @torch.library.register_fake("lowrank::bf16x3_linear_triton")
 def _fake_forward_triton(x, weight, bias, activation):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((x.shape[0], _out_features(weight, activation)))
 
 
 # ---- autograd: the fp32 linear's own gradients ---------------------------------------------------------
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.activation = inputs[-1]
-    ctx.save_for_backward(x, weight, bias if ctx.activation == "gelu" else None)
+    ctx.save_for_backward(x, weight, bias if ctx.activation != "none" else None)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if ctx.activation == "gelu":
+    if ctx.activation != "none":
         # the pre-activation is recomputed in fp32 rather than kept alive from the forward
-        grad = torch.ops.aten.gelu_backward(grad, torch.nn.functional.linear(x, weight, bias))
+        with torch.enable_grad():
+            z = torch.nn.functional.linear(x.detach(), weight.detach(), None if bias is None else bias.detach())
+            z.requires_grad_(True)
+            (grad,) = torch.autograd.grad(_activate(z, ctx.activation), z, grad)
     dx = grad @ weight if need[0] else None
     dw = grad.t() @ x if need[1] else None
     db = grad.sum(0) if ctx.has_bias and need[2] else None
@@ -115,7 +128,7 @@ BACKENDS: tuple[Backend, ...] = (
 )
 
 
-ACTIVATIONS = ("none", "gelu")
+ACTIVATIONS = ("none", "gelu", "swiglu")
 
 
 def _validate(x, weight, bias, packed, activation) -> None:
@@ -139,28 +152,36 @@ def _validate(x, weight, bias, packed, activation) -> None:
     out, in_ = weight.shape
     if x.shape[-1] != in_:
         raise ValueError(f"bf16x3_linear: x.shape[-1] = {x.shape[-1]} does not match weight [out={out}, in={in_}]")
+    if activation == "swiglu" and out % 2:
+        raise ValueError(f"bf16x3_linear: activation 'swiglu' needs weight = [gate; up] with an even number of rows, "
+                         f"got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (out,):
         raise ValueError(f"bf16x3_linear: bias must be [out={out}], got shape {tuple(bias.shape)}")
     if packed is not None:
-        want = ((out + 15) // 16, (in_ + 31) // 32, 2, 16, 32)
+        gated = activation == "swiglu"
+        want = _packed_shape(weight.shape, gated)
         if packed.dtype != torch.bfloat16 or tuple(packed.shape) != want or packed.device != x.device:
-            raise ValueError(f"bf16x3_linear: packed must be pack_bf16x3(weight), a bfloat16 tensor of shape {want} "
-                             f"on {x.device}; got {packed.dtype} {tuple(packed.shape)} on {packed.device}")
+            raise ValueError(f"bf16x3_linear: packed must be pack_bf16x3(weight, gated={gated}), a bfloat16 tensor "
+                             f"of shape {want} on {x.device}; got {packed.dtype} {tuple(packed.shape)} on "
+                             f"{packed.device}")
 
 
-def pack_bf16x3(weight: torch.Tensor) -> torch.Tensor:
+def pack_bf16x3(weight: torch.Tensor, *, gated: bool = False) -> torch.Tensor:
     """W_hi and W_lo of a float32 ``weight [out, in]`` in the tile layout the CPU kernel reads.
 
-    Returns a bfloat16 tensor ``[⌈out/16⌉, ⌈in/32⌉, 2, 16, 32]`` (no gradient). Pack once for a frozen weight and
-    pass it as ``packed=``; repack whenever the weight changes (the kernel cannot tell).
+    Returns a bfloat16 tensor ``[⌈out/16⌉, ⌈in/32⌉, 2, 16, 32]`` (no gradient); with ``gated`` (for
+    ``activation="swiglu"``, weight = [gate; up] [2H, in]) ``[2·⌈H/16⌉, ...]`` with gate and up tiles in pairs. Pack
+    once for a frozen weight and pass it as ``packed=``; repack whenever the weight changes (the kernel cannot tell).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"pack_bf16x3: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise ValueError(f"pack_bf16x3: weight must be a 2-D float32 CPU tensor [out, in], got {weight.dtype} "
                          f"{tuple(weight.shape)} on {weight.device}")
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"pack_bf16x3: a gated weight stacks gate and up rows ([2H, in]), got {tuple(weight.shape)}")
     with torch.no_grad():
-        return torch.ops.lowrank.bf16x3_pack(weight)
+        return torch.ops.lowrank.bf16x3_pack(weight, gated)
 
 
 def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -178,8 +199,9 @@ def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         bias: ``[out]`` float32 or None.
         packed: :func:`pack_bf16x3` of ``weight`` (CPU kernel only; other backends ignore it), or None to pack in
             the call (costs about one pass over the weight).
-        activation: "none", or "gelu" for ``F.gelu(y)`` (exact erf form) applied in the kernel's epilogue, so that a
-            Linear + GELU (BERT's FFN) writes its output once.
+        activation: "none"; "gelu" for ``F.gelu(y)`` (exact erf form) applied in the kernel's epilogue, so that a
+            Linear + GELU (BERT's FFN) writes its output once; or "swiglu" for a gated MLP's first half: weight =
+            [gate; up] ([2H, in]), bias [2H] or None, result ``silu(y_gate) · y_up`` ([..., H]; Llama's MLP).
         backend: "auto" (cpp on CPUs with AMX, then triton, then torch) or one of "cpp", "triton", "torch"; a named
             backend that cannot run raises :class:`~lowrank.BackendUnavailableError` with the reasons.
 
@@ -194,4 +216,4 @@ def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     impl = select("bf16x3_linear", BACKENDS, backend, x.device, x.dtype)
     lead = x.shape[:-1]
     y = impl.fn(x.reshape(-1, x.shape[-1]), weight, bias, packed, activation)
-    return y.reshape(*lead, weight.shape[0])
+    return y.reshape(*lead, _out_features(weight, activation))

@@ -1,7 +1,8 @@
 """Reference fp32 linear through bf16 halves ("bf16x3").
 
     v_hi = bf16(v)  (round to nearest even),   v_lo = bf16(v - v_hi)   (0 where v - v_hi is not finite)
-    y = x_hi · W_hiᵀ + x_hi · W_loᵀ + x_lo · W_hiᵀ + bias          (then GELU(y) for activation "gelu")
+    y = x_hi · W_hiᵀ + x_hi · W_loᵀ + x_lo · W_hiᵀ + bias          (then GELU(y) for activation "gelu", or
+                                                                  silu(y_gate) · y_up for "swiglu")
 
 Shapes: x [..., in], weight [out, in], bias [out] or None, all float32; y [..., out] float32. Every product of two
 bf16 numbers is exact in fp32, so the kernels differ from this reference only in the order of their fp32 sums.
@@ -27,9 +28,20 @@ def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   activation: str = "none") -> torch.Tensor:
     """The specification of ``lowrank.ops.bf16x3_linear``; differentiable by torch's own autograd.
 
-    ``activation="gelu"`` applies the exact (erf) GELU to the result, as ``F.gelu`` does.
+    ``activation="gelu"`` applies the exact (erf) GELU to the result, as ``F.gelu`` does. ``activation="swiglu"``
+    takes weight = [gate; up] ([2H, in]) and bias [2H], and returns ``F.silu(y[..., :H]) * y[..., H:]`` ([..., H]).
     """
     x_hi, x_lo = bf16_halves(x)
     w_hi, w_lo = bf16_halves(weight)
     y = F.linear(x_hi, w_hi, bias) + F.linear(x_hi, w_lo) + F.linear(x_lo, w_hi)
-    return F.gelu(y) if activation == "gelu" else y
+    return activate(y, activation)
+
+
+def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The epilogue of bf16x3_linear on the fp32 product y (with bias)."""
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return y

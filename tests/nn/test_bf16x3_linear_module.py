@@ -1,6 +1,7 @@
 """lowrank.nn.Bf16x3Linear and use_bf16x3: drop-in behaviour of an fp32 nn.Linear."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowrank
@@ -75,8 +76,36 @@ def test_bert_ffn_gelu_is_fused():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
     plain = transformers.BertModel(cfg).eval()
-    use_bf16x3(plain, fuse_gelu=False)
+    use_bf16x3(plain, fuse=False)
     assert plain.encoder.layer[0].intermediate.dense.activation == "none"
+
+
+def test_llama_mlp_becomes_a_fused_gated_mlp():
+    transformers = pytest.importorskip("transformers")
+    from lowrank.nn import Bf16x3GatedMLP
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50)
+    torch.manual_seed(6)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    keys = set(model.state_dict())
+    assert use_bf16x3(model) == 2 * 7 + 1             # q k v o gate up down per layer, and the LM head
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, Bf16x3GatedMLP) and set(model.state_dict()) == keys
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # training runs the unfused path: gradients reach gate_proj / up_proj
+    x = torch.randn(3, 32)
+    mlp(x).sum().backward()
+    assert mlp.gate_proj.weight.grad is not None and mlp.up_proj.weight.grad is not None
+    with torch.no_grad():                              # a changed weight is restacked and repacked
+        mlp.up_proj.weight.mul_(2)
+        want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments():

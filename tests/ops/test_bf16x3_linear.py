@@ -71,6 +71,38 @@ def test_gelu_epilogue(backend, shape):
     torch.testing.assert_close(out, F.gelu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 100, 33), (255, 384, 40)], ids=lambda s: "T{}-in{}-H{}".format(*s))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_epilogue(backend, bias, shape):
+    T, K, H = shape
+    if not _small((T, K, 2 * H), backend):
+        pytest.skip("shape too large for the Triton interpreter")
+    x, w, b = _make(T, K, 2 * H, bias, seed=5)
+    x = x * 3
+    out = bf16x3_linear(x, w, b, activation="swiglu", backend=backend)
+    assert out.shape == (T, H)
+    assert_matches_oracle(out, lambda *a: reference(*a, activation="swiglu"), [x, w, b])
+    z = F.linear(x, w, b)
+    # against plain fp32: the split's error, relative to the output's scale (silu(g)·u multiplies two errors' scales)
+    torch.testing.assert_close(out, F.silu(z[:, :H]) * z[:, H:], rtol=1e-4, atol=2e-5 * max(1.0, z.abs().max().item() ** 2))
+    if backend == "cpp":
+        p = pack_bf16x3(w, gated=True)
+        assert p.shape == (2 * ((H + 15) // 16), (K + 31) // 32, 2, 16, 32)
+        assert torch.equal(bf16x3_linear(x, w, b, packed=p, activation="swiglu", backend=backend), out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_gradients(backend):
+    x, w, b = _make(17, 33, 40, requires_grad=True, seed=6)
+    out = bf16x3_linear(x, w, b, activation="swiglu", backend=backend)
+    g = torch.randn_like(out)
+    z = F.linear(x, w, b)
+    want = torch.autograd.grad(F.silu(z[:, :20]) * z[:, 20:], [x, w, b], g)
+    for a, c in zip(torch.autograd.grad(out, [x, w, b], g), want):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gelu_gradients(backend):
     x, w, b = _make(17, 33, 20, requires_grad=True, seed=4)
@@ -179,13 +211,20 @@ def test_opcheck(op, bias, requires_grad):
     args = _make(3, 17, 5, bias, requires_grad=requires_grad)
     if op == "bf16x3_linear":
         args.append(pack_bf16x3(args[1].detach()))
-    for act in ("none", "gelu"):
-        torch.library.opcheck(getattr(torch.ops.lowrank, op).default, (*args, act))
+    for act in ("none", "gelu", "swiglu"):
+        a = list(args)
+        if act == "swiglu" and op == "bf16x3_linear":
+            a[-1] = pack_bf16x3(args[1].detach()[:4], gated=True)
+        if act == "swiglu":
+            a[1] = a[1][:4]
+            a[2] = None if a[2] is None else a[2][:4]
+        torch.library.opcheck(getattr(torch.ops.lowrank, op).default, (*a, act))
 
 
 @needs_amx
 def test_opcheck_pack_and_isa():
     torch.library.opcheck(torch.ops.lowrank.bf16x3_pack.default, (torch.randn(17, 40),))
+    torch.library.opcheck(torch.ops.lowrank.bf16x3_pack.default, (torch.randn(18, 40), True))
     assert torch.ops.lowrank.cpu_isa() in ("base", "avx2", "avx512", "avx512_bf16", "amx")
 
 
@@ -223,21 +262,27 @@ def test_bad_input():
         bf16x3_linear(torch.tensor(1.0), w)
     with pytest.raises(ValueError, match="weight is on meta"):
         bf16x3_linear(x, w.to("meta"))
-    with pytest.raises(ValueError, match=r"packed must be pack_bf16x3\(weight\)"):
+    with pytest.raises(ValueError, match=r"packed must be pack_bf16x3\(weight, gated=False\)"):
         bf16x3_linear(x, w, packed=torch.zeros(2, 1, 2, 16, 32, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         bf16x3_linear([1.0], w)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         bf16x3_linear(x, w, backend="cuda")
-    with pytest.raises(ValueError, match=r"activation must be one of \('none', 'gelu'\)"):
+    with pytest.raises(ValueError, match=r"activation must be one of \('none', 'gelu', 'swiglu'\)"):
         bf16x3_linear(x, w, activation="tanh")
     with pytest.raises(ValueError, match="pack_bf16x3: weight must be a 2-D float32 CPU tensor"):
         pack_bf16x3(w.double())
+    with pytest.raises(ValueError, match="'swiglu' needs weight = \\[gate; up\\] with an even number of rows"):
+        bf16x3_linear(x, w[:9], activation="swiglu")
+    with pytest.raises(ValueError, match="gated weight stacks gate and up rows"):
+        pack_bf16x3(w[:9], gated=True)
     if AMX:  # the C++ op checks on its own too (direct torch.ops callers)
         with pytest.raises(ValueError, match="packed must be the contiguous bf16"):
             torch.ops.lowrank.bf16x3_linear(x, w, None, torch.zeros(3, dtype=torch.bfloat16), "none")
-        with pytest.raises(ValueError, match="activation must be 'none' or 'gelu'"):
+        with pytest.raises(ValueError, match="activation must be 'none', 'gelu' or 'swiglu'"):
             torch.ops.lowrank.bf16x3_linear(x, w, None, None, "relu")
+        with pytest.raises(ValueError, match="'swiglu' needs weight"):
+            torch.ops.lowrank.bf16x3_linear(x, w[:9], None, None, "swiglu")
 
 
 def test_cpp_refused_without_amx_says_why():
