@@ -431,7 +431,7 @@ def _demo_rerank() -> None:
     from lowrank.rerank import cli as rerank_cli
     rerank_cli.run(argparse.Namespace(data=None, split="test", retriever="bm25", reranker="embed", model=None,
                                       top_k=100, queries=None, lora=None, compress=None, fusion="linear",
-                                      threads=None, json=False, no_progress=True))
+                                      matmul="auto", threads=None, json=False, no_progress=True))
     print("(lowrank rerank --help: other rerankers, --data DIR for a BEIR collection, --lora, --compress)\n")
     print("== fused LoRA linear: lowrank vs PEFT vs nn.Linear ==")
 

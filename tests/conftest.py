@@ -57,6 +57,17 @@ def assert_grads_match_oracle(grads, ref_fn, args, grad_out, wrt):
         assert err <= bound, f"grad of arg {i}: max error {err:.3e} vs fp64 oracle exceeds bound {bound:.3e}"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLI tests pass --threads, which sets torch's thread count for the process (right for a command); put it
+    back after each test so that later tests run with the session's count (a leaked 1 changed summation orders
+    and made an fp32 parity test order-dependent)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():

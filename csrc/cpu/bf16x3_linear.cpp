@@ -373,9 +373,14 @@ void linear_amx(const float* x, int64_t ldx, int64_t T, int64_t K, const bf16* p
   P.Npairs = ceil_div(P.Nt, 2);
   // A panel of PR rows (hi + lo: 4·PR·Kp bytes) stays in L2 while every feature tile passes over it; each pair of
   // feature tiles (8·Kp bytes of B tiles) is read once per panel and reused for PR / 32 row blocks.
-  P.PR = std::clamp<int64_t>((int64_t(1) << 20) / (4 * P.Kp) / 32 * 32, 32, 256);
-  const int64_t panels = ceil_div(T, P.PR);
+  const int64_t max_rows = std::clamp<int64_t>((int64_t(1) << 20) / (4 * P.Kp) / 32 * 32, 32, 256);
   const int64_t threads = at::get_num_threads();
+  // As many panels as the rows need, rounded up to a multiple of the threads and then evened out (2178 rows: 10
+  // panels of 224 rows, 5 per thread, not 9 of 256 split 5 / 4: every thread finishes together).
+  int64_t panels = ceil_div(T, max_rows);
+  if (panels > threads) panels = ceil_div(panels, threads) * threads;
+  P.PR = std::max<int64_t>(32, ceil_div(ceil_div(T, panels), 32) * 32);
+  panels = ceil_div(T, P.PR);
   // Few panels (short inputs): split the features too, so that every thread has work.
   P.chunks = std::min<int64_t>(P.Npairs, std::max<int64_t>(1, ceil_div(2 * threads, panels)));
   P.per_chunk = ceil_div(P.Npairs, P.chunks);

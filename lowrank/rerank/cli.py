@@ -1,14 +1,17 @@
 """``lowrank rerank``: first stage + neural reranker + evaluation on a BEIR-layout collection.
 
     lowrank rerank [--data DIR] [--reranker embed|cross|first|icr|none] [--model DIR] [--top-k 100]
-                   [--queries N] [--lora PATH] [--compress BUDGET] [--fusion none|linear|rrf] [--json]
+                   [--queries N] [--lora PATH] [--compress BUDGET] [--matmul auto|fp32|bf16x3]
+                   [--fusion none|linear|rrf] [--json]
 
 With no ``--data`` it runs on the small example collection shipped in the package. The first stage is BM25
 (bm25s, stemmed, k1=1.5, b=0.75). The reranker rescores each query's BM25 top-k; with ``--fusion`` the two runs
 are also fused (a linear weight of 0.5, or RRF). Models default to the offline ones of each reranker
 (MiniLM for embed/cross, SmolLM2-135M-Instruct for first/icr). ``--lora PATH`` loads a PEFT adapter onto the
 reranker's model and converts its LoRA layers to lowrank's fused ``LoRALinear``; ``--compress BUDGET`` runs
-``lowrank.compress.compress_model`` on the model's Linear layers (no calibration) before scoring.
+``lowrank.compress.compress_model`` on the model's Linear layers (no calibration) before scoring. ``--matmul``
+(default auto: bf16x3 on CPUs with AMX tiles) runs the remaining fp32 Linears as ``lowrank.nn.Bf16x3Linear``
+(three bf16 products, scores within ~1e-5 of fp32, ~2× faster matmuls).
 
 Prints a table (nDCG@10, Recall@100, MRR@10 over judged queries; docs/s = candidates scored per second of
 reranking; per-query latency p50/p95 in ms); ``--json`` prints the same as one JSON object instead.
@@ -41,6 +44,10 @@ def add_parser(sub: Any) -> None:
                    help="compress the reranker model's Linear layers to this parameter budget, in (0, 1]")
     p.add_argument("--fusion", choices=("none", "linear", "rrf"), default="none",
                    help="also fuse BM25 and reranker scores (linear weight 0.5, or RRF)")
+    p.add_argument("--matmul", choices=("auto", "fp32", "bf16x3"), default="auto",
+                   help="how the fp32 model's remaining nn.Linear layers multiply: bf16x3 (lowrank.nn.Bf16x3Linear, "
+                        "AMX tiles, ~1e-5 of fp32) or fp32; auto = bf16x3 where the CPU has AMX and the model is "
+                        "float32 (after --lora / --compress), else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -65,6 +72,22 @@ def build_reranker(kind: str, model: str | None) -> Any:
     if kind == "icr":
         return lr.AttentionReranker(model)
     raise ValueError(f"--reranker must be one of {RERANKERS}, got {kind!r}")
+
+
+def apply_matmul_option(module: Any, matmul: str) -> str:
+    """--matmul: convert the module's plain fp32 Linears to Bf16x3Linear for "bf16x3" (and for "auto" where the CPU
+    has AMX tiles and every parameter is float32); returns what was applied."""
+    import torch
+
+    from lowrank.ops._backends import cpu_isa
+    from lowrank.rerank._matmul import apply_matmul
+
+    if matmul == "auto":
+        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+        fp32 = {p.dtype for p in module.parameters()} == {torch.float32}
+        matmul = "bf16x3" if on_cpu and fp32 and cpu_isa() == "amx" else "fp32"
+    apply_matmul(module, matmul)
+    return matmul
 
 
 def apply_lora_adapter(module: Any, path: str) -> int:
@@ -160,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             report = compress_model(module, args.compress, progress=progress)
             info["compress"] = {"budget": args.compress, "params_before": report.params_before,
                                 "params_after": report.params_after}
+        info["matmul"] = apply_matmul_option(module, getattr(args, "matmul", "fp32"))
         info["params"] = sum(p.numel() for p in module.parameters())  # base (+ LoRA factors), after --compress
         info["lora_params"] = sum(p.numel() for n, p in module.named_parameters() if n.rpartition(".")[2] in
                                   ("lora_a", "lora_b"))
@@ -179,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**info, "runs": rows}, indent=2))
     else:
-        print(f"{info['data']}: {info['queries']} queries, BM25 top-{args.top_k} reranked by {args.reranker}")
+        matmul = f" (matmul {info['matmul']})" if 'matmul' in info else ''
+        print(f"{info['data']}: {info['queries']} queries, BM25 top-{args.top_k} reranked by {args.reranker}{matmul}")
         print(_table(rows))
     return 0
 

@@ -164,13 +164,17 @@ class Encoder:
         self.device, self.batch_size = torch.device(device), batch_size
         self.dtype = next(model.parameters()).dtype
         self.dim = int(model.config.hidden_size)
-        self.matmul = matmul_of(model)
         # running totals: encode() throughput = texts / seconds; padding overhead = padded_tokens / tokens
         self.stats = {"texts": 0, "truncated": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
 
     def __repr__(self) -> str:
         return (f"Encoder({self.name!r}, max_seq_length={self.max_seq_length}, pooling={self.pooling!r}, "
                 f"normalize={self.normalize}, dtype={self.dtype}, device={self.device}, matmul={self.matmul!r})")
+
+    @property
+    def matmul(self) -> str:
+        """"bf16x3" when the model's Linears run as lowrank.nn.Bf16x3Linear (however they were converted), else "fp32"."""
+        return matmul_of(self.model)
 
     @property
     def fingerprint(self) -> str:
