@@ -4,6 +4,9 @@
 // helper and loaded after it returned (seen as a #UD on the first tile instruction).
 #pragma once
 #include <cstdint>
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
+#endif
 
 namespace lowrank::cpu {
 
@@ -14,5 +17,19 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+// Palette 1 with the first eight tiles all 16 rows × 64 bytes (16×16 fp32 C, 16×32 bf16 A, 16 pairs × 16 B),
+// built and loaded in this one frame (see above).
+__attribute__((target("amx-tile"))) inline void load_uniform_tile_config(TileConfig& cfg) {
+  cfg = TileConfig{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+#endif
 
 }  // namespace lowrank::cpu

@@ -144,15 +144,7 @@ at::Tensor pack_plain(const at::Tensor& weight) {
 
 #if LOWRANK_HAVE_BF16X3_AMX
 // Tiles 0–3: C (two row halves × two feature tiles, 16×16 fp32); 4/5: A (x rows 0–15 / 16–31, 32 k); 6/7: B.
-LOWRANK_AMX_BF16 void load_config(TileConfig& cfg) {
-  cfg = TileConfig{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+LOWRANK_AMX_BF16 void load_config(TileConfig& cfg) { cpu::load_uniform_tile_config(cfg); }
 
 // rows of x (fp32, row stride ldx) → hi and lo panels [PR][Kp]; rows past `rows` and columns past K are zero.
 LOWRANK_AMX_BF16 void split_rows(const float* x, int64_t ldx, int64_t rows, int64_t PR, int64_t K, int64_t Kp,

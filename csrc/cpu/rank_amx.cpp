@@ -33,15 +33,7 @@ using bf16 = c10::BFloat16;
 
 #if LOWRANK_HAVE_RANK_AMX
 // Every tile 16 rows × 64 bytes: C tiles 16×16 fp32, A tiles 16×32 bf16, B tiles 16 pairs × 16 columns.
-LOWRANK_AMX_BF16 void load_full_config(TileConfig& cfg) {
-  cfg = TileConfig{};
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+LOWRANK_AMX_BF16 void load_full_config(TileConfig& cfg) { load_uniform_tile_config(cfg); }
 
 LOWRANK_AMX_BF16 void release_tiles() { _tile_release(); }
 
