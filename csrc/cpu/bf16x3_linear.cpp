@@ -27,6 +27,7 @@
 #include "common/checks.h"
 #include "cpu/amx_tiles.h"
 #include "cpu/isa.h"
+#include "cpu/masks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
@@ -53,6 +54,16 @@ void check_weight(const at::Tensor& weight, const char* op) {
 }
 
 #if LOWRANK_HAVE_BF16X3_AMX
+using cpu::mask16;
+
+// 16 fp32 values → their bf16 halves hi = bf16(v), lo = bf16(v − hi) (both round to nearest even). Where v − hi is
+// not finite (v = ±inf or NaN: inf − inf, NaN − NaN) lo is 0 and hi carries the value (0x99 = NaN or ±inf).
+LOWRANK_AMX_BF16 inline void split16(__m512 v, __m256i* hi, __m256i* lo) {
+  *hi = (__m256i)_mm512_cvtneps_pbh(v);
+  const __m512 d = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(*hi), 16)));
+  *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps((__mmask16)~_mm512_fpclass_ps_mask(d, 0x99), d));
+}
+
 // Rows [n0, n1) of W (fp32, row stride ldw) into the packed layout: each pair (k, k+1) of a row is one 32-bit
 // unit, at [n / 16][k / 32][part][(k % 32) / 2][n % 16].
 LOWRANK_AMX_BF16 void pack_rows(const float* W, int64_t ldw, int64_t K, int64_t Kc, int64_t n0, int64_t n1,
@@ -63,17 +74,11 @@ LOWRANK_AMX_BF16 void pack_rows(const float* W, int64_t ldw, int64_t K, int64_t 
       uint32_t* hi = O + ((t * Kc + c) * 2) * (kTileElems / 2) + j;  // 32-bit units; tile rows are 16 units
       uint32_t* lo = hi + kTileElems / 2;
       const int64_t k0 = 32 * c;
-      const int64_t left = K - k0;
-      const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-      const __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left > 16 ? (__mmask16)((1u << (left - 16)) - 1u) : 0;
       alignas(64) uint16_t h[32], l[32];
       for (int v = 0; v < 2; ++v) {
-        const __m512 x = _mm512_maskz_loadu_ps(v ? m1 : m0, W + n * ldw + k0 + 16 * v);
-        const __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
-        const __m512 d = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16)));
-        const __m256i xl = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps((__mmask16)~_mm512_fpclass_ps_mask(d, 0x99), d));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(h + 16 * v), xh);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(l + 16 * v), xl);
+        const int64_t k = k0 + 16 * v;
+        split16(_mm512_maskz_loadu_ps(mask16(K - k), W + n * ldw + k), reinterpret_cast<__m256i*>(h + 16 * v),
+                reinterpret_cast<__m256i*>(l + 16 * v));
       }
       const uint32_t* h32 = reinterpret_cast<const uint32_t*>(h);
       const uint32_t* l32 = reinterpret_cast<const uint32_t*>(l);
@@ -159,14 +164,8 @@ LOWRANK_AMX_BF16 void split_rows(const float* x, int64_t ldx, int64_t rows, int6
     }
     const float* xr = x + i * ldx;
     for (int64_t k = 0; k < Kp; k += 16) {
-      const __mmask16 m = k + 16 <= K ? (__mmask16)0xFFFF : k < K ? (__mmask16)((1u << (K - k)) - 1u) : 0;
-      const __m512 v = _mm512_maskz_loadu_ps(m, xr + k);
-      const __m256i vh = (__m256i)_mm512_cvtneps_pbh(v);
-      const __m512 vhf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(vh), 16));
-      const __m512 d = _mm512_sub_ps(v, vhf);
-      // inf − inf and NaN − NaN: the high half carries the value, the low half is 0 (0x99 = NaN or ±inf)
-      const __mmask16 bad = _mm512_fpclass_ps_mask(d, 0x99);
-      const __m256i vl = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps((__mmask16)~bad, d));
+      __m256i vh, vl;
+      split16(_mm512_maskz_loadu_ps(mask16(K - k), xr + k), &vh, &vl);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k), vh);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(l + k), vl);
     }
@@ -262,7 +261,7 @@ template <bool kGelu>
 LOWRANK_AMX_BF16 void store_block(const float* acc, int64_t rows, int64_t cols, const float* bias, float* y,
                                   int64_t ldy) {
   for (int64_t v = 0; v < cols; v += 16) {
-    const __mmask16 m = cols - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - v)) - 1u);
+    const __mmask16 m = mask16(cols - v);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + v) : _mm512_setzero_ps();
     for (int64_t i = 0; i < rows; ++i) {
       __m512 out = _mm512_add_ps(b, _mm512_loadu_ps(acc + i * 32 + v));
@@ -276,7 +275,7 @@ LOWRANK_AMX_BF16 void store_block(const float* acc, int64_t rows, int64_t cols, 
 // halves of one kernel block. silu(g) = g·σ(g), σ from e = exp(−|g|) ≤ 1 (no overflow for either sign).
 LOWRANK_AMX_BF16 void store_swiglu(const float* acc, int64_t rows, int64_t cols, const float* bias_g,
                                    const float* bias_u, float* y, int64_t ldy) {
-  const __mmask16 m = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+  const __mmask16 m = mask16(cols);
   const __m512 bg = bias_g ? _mm512_maskz_loadu_ps(m, bias_g) : _mm512_setzero_ps();
   const __m512 bu = bias_u ? _mm512_maskz_loadu_ps(m, bias_u) : _mm512_setzero_ps();
   const __m512 one = _mm512_set1_ps(1.f);

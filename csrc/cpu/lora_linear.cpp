@@ -65,7 +65,7 @@ bool use_bf16x3_base(const at::Tensor& x2) {
 // y = x·Wᵀ + b with beta = 0 (a fresh output, written once).
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const bool has_bias = bias.has_value() && bias->defined();
-  if (use_bf16x3_base(x2)) return cpu::bf16x3_linear(x2.stride(1) == 1 ? x2 : x2.contiguous(), weight, bias);
+  if (use_bf16x3_base(x2)) return cpu::bf16x3_linear(x2, weight, bias);
   if (use_onednn_base(x2, weight)) return cpu::onednn_linear(x2, weight, bias);
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }

@@ -1,5 +1,6 @@
 // See lowrank_kernels.h for what these compute and why.
 #include "cpu/lowrank_kernels.h"
+#include "cpu/masks.h"
 #include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
@@ -61,9 +62,6 @@ at::Tensor pad_f32(const at::Tensor& m) {
 }
 
 #if LOWRANK_HAVE_AVX512_KERNELS
-LOWRANK_AVX512 inline __mmask16 tail_mask(int64_t n) {
-  return n >= L ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-}
 LOWRANK_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 LOWRANK_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
@@ -82,7 +80,7 @@ LOWRANK_AVX512 void expand_add_tile(const float* h, int64_t r, const float* N, i
   __m512 acc[RB][CV];
   for (int64_t v = 0; v < CV; ++v) {
     const __m512 b = bias ? _mm512_loadu_ps(bias + n0 + v * L) : _mm512_setzero_ps();
-    const __mmask16 m = v * L < cols ? tail_mask(cols - v * L) : (__mmask16)0;
+    const __mmask16 m = v * L < cols ? mask16(cols - v * L) : (__mmask16)0;
     for (int64_t i = 0; i < RB; ++i)
       acc[i][v] = i < rb ? _mm512_add_ps(b, load16(src + i * lds + n0 + v * L, m)) : b;
   }
@@ -96,7 +94,7 @@ LOWRANK_AVX512 void expand_add_tile(const float* h, int64_t r, const float* N, i
   }
   for (int64_t i = 0; i < rb; ++i)
     for (int64_t v = 0; v < CV && v * L < cols; ++v)
-      store16(y + i * ldy + n0 + v * L, acc[i][v], tail_mask(cols - v * L));
+      store16(y + i * ldy + n0 + v * L, acc[i][v], mask16(cols - v * L));
 }
 
 template <typename T>

@@ -33,7 +33,7 @@ at::Tensor onednn_linear(const at::Tensor& x2, const at::Tensor& w, const std::o
 // fp32 y = x2·wᵀ + bias from bf16 halves of both operands (cpu/bf16x3_linear.cpp): three bf16 products on AMX
 // tiles, fp32 sums; ~1e-5 relative from the exact product (fp32's own sgemm: ~1e-7), ~2× faster than MKL's sgemm.
 // This is what torch documents float32_matmul_precision("high") to allow ("each float32 number as the sum of two
-// bfloat16 numbers"), so lora_linear takes it only then. x2 [T, K] fp32 (unit column stride), w [N, K] fp32 (any
+// bfloat16 numbers"), so lora_linear takes it only then. x2 [T, K] fp32 (any strides), w [N, K] fp32 (any
 // strides: packed per call), bias [N] fp32 or none. bf16x3_supported(): AMX present.
 bool bf16x3_supported();
 at::Tensor bf16x3_linear(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias);

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "cpu/lowrank_kernels.h"
+#include "cpu/masks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -115,9 +116,6 @@ constexpr int TT = 4;      // tokens per shrink / expand tile
 constexpr int NB = 4;      // ranks per shrink tile: TT·NB = 16 accumulators
 constexpr int CV = 4;      // registers per row of an expand / tn tile (64 columns)
 
-LOWRANK_SEG_AVX512 inline __mmask16 tail16(int64_t n) {
-  return n >= L ? (__mmask16)0xFFFF : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u));
-}
 LOWRANK_SEG_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 LOWRANK_SEG_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
@@ -145,7 +143,7 @@ LOWRANK_SEG_AVX512 inline void dots(const c10::BFloat16* const* z, const c10::BF
 LOWRANK_SEG_AVX512 inline void dots(const float* const* z, const float* m, int64_t ldm, int64_t K, int nb,
                                     __m512 (&acc)[TT][NB]) {
   for (int64_t i = 0; i < K; i += L) {
-    const __mmask16 mk = tail16(K - i);
+    const __mmask16 mk = mask16(K - i);
     __m512 mv[NB];
     for (int j = 0; j < NB; ++j) mv[j] = j < nb ? _mm512_maskz_loadu_ps(mk, m + j * ldm + i) : _mm512_setzero_ps();
     for (int t = 0; t < TT; ++t) {
@@ -183,7 +181,7 @@ LOWRANK_SEG_AVX512 void expand_tile(T* Y, int64_t ldy, const int64_t* perm, int6
   T* y[TT];
   for (int t = 0; t < TT; ++t) y[t] = Y + perm[i0 + (t < cnt ? t : 0)] * ldy + n0;
   for (int v = 0; v < CV; ++v) {
-    const __mmask16 m = tail16(cols - v * L);
+    const __mmask16 m = mask16(cols - v * L);
     for (int t = 0; t < TT; ++t) acc[t][v] = t < cnt ? load16(y[t] + v * L, m) : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < rank; ++k) {
@@ -195,7 +193,7 @@ LOWRANK_SEG_AVX512 void expand_tile(T* Y, int64_t ldy, const int64_t* perm, int6
     }
   }
   for (int t = 0; t < cnt; ++t)
-    for (int v = 0; v < CV && v * L < cols; ++v) store16(y[t] + v * L, acc[t][v], tail16(cols - v * L));
+    for (int v = 0; v < CV && v * L < cols; ++v) store16(y[t] + v * L, acc[t][v], mask16(cols - v * L));
 }
 
 // O[k, c0 : c0 + cols] = Σ_i H[i, k]·Z[perm[i], c0 : ...] over one segment's rows, 4 ranks at a time so that
@@ -212,7 +210,7 @@ LOWRANK_SEG_AVX512 void tn_cols(const T* Z, int64_t ldz, const int64_t* perm, in
     for (int64_t i = begin; i < end; ++i) {
       const T* z = Z + perm[i] * ldz + c0;
       __m512 zv[CV];
-      for (int v = 0; v < CV; ++v) zv[v] = load16(z + v * L, tail16(cols - v * L));
+      for (int v = 0; v < CV; ++v) zv[v] = load16(z + v * L, mask16(cols - v * L));
       for (int j = 0; j < 4; ++j) {
         const __m512 hv = _mm512_set1_ps(j < kb ? H[i * ldh + k0 + j] : 0.f);
         for (int v = 0; v < CV; ++v) acc[j][v] = _mm512_fmadd_ps(hv, zv[v], acc[j][v]);
@@ -220,7 +218,7 @@ LOWRANK_SEG_AVX512 void tn_cols(const T* Z, int64_t ldz, const int64_t* perm, in
     }
     for (int j = 0; j < kb; ++j)
       for (int v = 0; v < CV && v * L < cols; ++v)
-        _mm512_mask_storeu_ps(O + (k0 + j) * ldo + c0 + v * L, tail16(cols - v * L), acc[j][v]);
+        _mm512_mask_storeu_ps(O + (k0 + j) * ldo + c0 + v * L, mask16(cols - v * L), acc[j][v]);
   }
 }
 
