@@ -23,6 +23,21 @@ from lowrank.ops._backends import select
 __all__ = ["Bf16x3GatedMLP", "Bf16x3Linear", "use_bf16x3"]
 
 
+def _pack_if_cpu_kernel(weight: torch.Tensor, backend: str, *, gated: bool = False) -> torch.Tensor | None:
+    """The tile packing of ``weight`` when ``backend`` resolves to the C++ kernel on its device, else None (the
+    other backends split in the call)."""
+    if weight.device.type != "cpu" or select("bf16x3_linear", BACKENDS, backend, weight.device,
+                                                torch.float32).name != "cpp":
+        return None
+    return pack_bf16x3(weight, gated=gated)
+
+
+def _version_key(*params: torch.Tensor) -> tuple:
+    """Changes whenever one of ``params`` is modified in place, replaced (``.data =``, load_state_dict into new
+    storage) or moved to another device: what a cached packing depends on."""
+    return tuple((p.device, p.data_ptr(), p._version) for p in params)
+
+
 class Bf16x3GatedMLP(nn.Module):
     """A gated MLP ``down(silu(gate(x)) · up(x))`` (Llama / Mistral / Qwen2) whose gate and up products are one
     bf16x3 product with the SiLU·mul in its epilogue (``activation="swiglu"``), so the [T, H] gate and up tensors,
@@ -50,15 +65,11 @@ class Bf16x3GatedMLP(nn.Module):
 
     def _stacked_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         g, u = self.gate_proj, self.up_proj
-        key = tuple((p.data_ptr(), p._version) for m in (g, u) for p in m.parameters())
+        key = _version_key(*g.parameters(), *u.parameters())
         if self._stacked is None or self._stacked[0] != key:
             w = torch.cat([g.weight.detach(), u.weight.detach()])
             b = None if g.bias is None else torch.cat([g.bias.detach(), u.bias.detach()])
-            packed = None
-            if w.device.type == "cpu" and select("bf16x3_linear", BACKENDS, self.backend, w.device,
-                                                   torch.float32).name == "cpp":
-                packed = pack_bf16x3(w, gated=True)
-            self._stacked = (key, w, b, packed)
+            self._stacked = (key, w, b, _pack_if_cpu_kernel(w, self.backend, gated=True))
         return self._stacked[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,11 +112,13 @@ class Bf16x3Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=torch.float32))
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32)) if bias else None)
-        self.backend, self.activation = backend, _check_activation(activation)
-        self._check_backend(self.weight.device)
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple[int, int] | None = None
+        self._setup(backend, activation)
         self.reset_parameters()
+
+    def _setup(self, backend: str, activation: str) -> None:
+        self.backend, self.activation = backend, _check_activation(activation)
+        select("bf16x3_linear", BACKENDS, backend, self.weight.device, torch.float32)  # refuse early, with reasons
+        self._packed: tuple | None = None  # (version key, packing or None)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialization."""
@@ -113,9 +126,6 @@ class Bf16x3Linear(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
-
-    def _check_backend(self, device: torch.device) -> str:
-        return select("bf16x3_linear", BACKENDS, self.backend, device, torch.float32).name
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, activation: str = "none", backend: str = "auto") -> Bf16x3Linear:
@@ -129,19 +139,15 @@ class Bf16x3Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.backend, self.activation = backend, _check_activation(activation)
-        self._check_backend(self.weight.device)
-        self._packed, self._packed_key = None, None
+        self._setup(backend, activation)
         return self
 
     def _packed_weight(self) -> torch.Tensor | None:
-        if self.weight.device.type != "cpu" or self._check_backend(self.weight.device) != "cpp":
-            return None
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._packed is None or key != self._packed_key:
-            self._packed = pack_bf16x3(self.weight.detach())
-            self._packed_key = key
-        return self._packed
+        # the backend is resolved only when the weight changes, not on every call
+        key = _version_key(self.weight)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, _pack_if_cpu_kernel(self.weight.detach(), self.backend))
+        return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = None if torch.compiler.is_compiling() else self._packed_weight()
