@@ -14,13 +14,26 @@ def apply_matmul(model: torch.nn.Module, matmul: str) -> None:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
     if matmul == "fp32":
         return
-    dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {torch.float32}:
+    if not _float32(model):
+        dtypes = sorted(str(d) for d in {p.dtype for p in model.parameters()})
         raise ValueError(f"matmul='bf16x3' computes float32 Linear layers; this model's parameters are "
-                         f"{sorted(str(d) for d in dtypes)} (load it with dtype=torch.float32)")
+                         f"{dtypes} (load it with dtype=torch.float32)")
     from lowrank.nn import use_bf16x3
 
     use_bf16x3(model)
+
+
+def auto_matmul(model: torch.nn.Module) -> str:
+    """What ``lowrank rerank --matmul auto`` picks: "bf16x3" where the CPU kernel runs (a float32 model on the CPU,
+    which has AMX tiles), else "fp32"."""
+    from lowrank.ops._backends import cpu_isa
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return "bf16x3" if on_cpu and _float32(model) and cpu_isa() == "amx" else "fp32"
+
+
+def _float32(model: torch.nn.Module) -> bool:
+    return {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def matmul_of(model: torch.nn.Module) -> str:

@@ -77,15 +77,10 @@ def build_reranker(kind: str, model: str | None) -> Any:
 def apply_matmul_option(module: Any, matmul: str) -> str:
     """--matmul: convert the module's plain fp32 Linears to Bf16x3Linear for "bf16x3" (and for "auto" where the CPU
     has AMX tiles and every parameter is float32); returns what was applied."""
-    import torch
-
-    from lowrank.ops._backends import cpu_isa
-    from lowrank.rerank._matmul import apply_matmul
+    from lowrank.rerank._matmul import apply_matmul, auto_matmul
 
     if matmul == "auto":
-        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
-        fp32 = {p.dtype for p in module.parameters()} == {torch.float32}
-        matmul = "bf16x3" if on_cpu and fp32 and cpu_isa() == "amx" else "fp32"
+        matmul = auto_matmul(module)
     apply_matmul(module, matmul)
     return matmul
 
