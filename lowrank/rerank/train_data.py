@@ -7,7 +7,9 @@ From a BEIR-layout train split (``qrels_train.tsv`` / ``qrels/train.tsv``):
     stream    the epochs e = 0, 1, ... concatenated, each a permutation π_e of P drawn from
               ``torch.Generator().manual_seed(seed + e)``
     batch s   stream positions [s·B, (s+1)·B); each pair gets one hard negative, N(q)[j] with
-              j ~ U{0, |N(q)| - 1} from ``torch.Generator().manual_seed(seed·1_000_003 + s)``
+              j ~ U{0, |N(q)| - 1} from ``torch.Generator().manual_seed(seed·1_000_003 + s)``, or with
+              ``negatives=n > 1`` the first min(n, |N(q)|) entries of a permutation of N(q) from that generator
+              (cycled to n when N(q) is shorter), so n distinct negatives where there are n
 
 so batch s is a pure function of (seed, s): a run resumed at step s sees exactly the batches it would have seen
 (no data repeated or skipped), and no RNG state has to be stored. BM25 is the stack's own first stage
@@ -31,7 +33,8 @@ __all__ = ["TrainBatch", "TrainingData", "load_training_data"]
 
 @dataclass
 class TrainBatch:
-    """One step's examples: parallel lists of query ids/texts, positive and hard-negative doc ids/texts."""
+    """One step's examples: parallel lists of query ids/texts and positive doc ids/texts; the hard negatives are
+    ``n`` per pair, pair i's at positions [i·n, (i+1)·n) of ``neg_ids`` / ``negatives``."""
 
     qids: list[str]
     queries: list[str]
@@ -116,12 +119,15 @@ class TrainingData:
         start = step * batch_size
         return {"epoch": start // len(self.pairs), "position": start % len(self.pairs)}
 
-    def batch(self, step: int, batch_size: int) -> TrainBatch:
-        """The examples of training step ``step`` (0-based) at ``batch_size`` pairs per step."""
+    def batch(self, step: int, batch_size: int, negatives: int = 1) -> TrainBatch:
+        """The examples of training step ``step`` (0-based) at ``batch_size`` pairs per step, ``negatives`` hard
+        negatives per pair (module docstring)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
+            raise ValueError(f"negatives must be a positive int, got {negatives!r}")
         n = len(self.pairs)
         idx = []
         for pos in range(step * batch_size, (step + 1) * batch_size):
@@ -132,13 +138,17 @@ class TrainingData:
         for i in idx:
             q, d = self.pairs[i]
             negs = self.negatives[q]
-            neg = negs[int(torch.randint(len(negs), (1,), generator=gen))]
+            if negatives == 1:
+                chosen = [negs[int(torch.randint(len(negs), (1,), generator=gen))]]
+            else:
+                order = torch.randperm(len(negs), generator=gen).tolist()
+                chosen = [negs[order[j % len(order)]] for j in range(negatives)]
             out.qids.append(q)
             out.queries.append(ds.queries[q])
             out.pos_ids.append(d)
             out.positives.append(ds.doc_text(d))
-            out.neg_ids.append(neg)
-            out.negatives.append(ds.doc_text(neg))
+            out.neg_ids.extend(chosen)
+            out.negatives.extend(ds.doc_text(x) for x in chosen)
         return out
 
 

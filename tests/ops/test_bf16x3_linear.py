@@ -309,3 +309,34 @@ def test_backend_error_lists_reasons():
         pytest.skip("this CPU has AMX: the refusal is tested in a subprocess with LOWRANK_MAX_CPU_ISA")
     with pytest.raises(BackendUnavailableError, match="AMX-BF16"):
         bf16x3_linear(torch.randn(2, 3), torch.randn(4, 3), backend="cpp")
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu():
+    """Without AMX the C++ kernel refuses; "auto" then takes the torch backend, not Triton (which on CPU tensors is
+    its interpreter, a testing aid), even with TRITON_INTERPRET=1; backend="triton" still runs it."""
+    from lowrank.ops._backends import select
+    from lowrank.ops.bf16x3_linear import BACKENDS
+
+    chosen = select("bf16x3_linear", BACKENDS, "auto", torch.device("cpu"), torch.float32).name
+    assert chosen == ("cpp" if AMX else "torch")
+    with pytest.raises(BackendUnavailableError, match="never picks Triton for CPU tensors"):
+        select("bf16x3_linear", [b for b in BACKENDS if b.name == "triton"], "auto", torch.device("cpu"),
+               torch.float32)
+
+
+def test_round_to_bf16_is_the_cast_bit_for_bit():
+    """The reference rounds on the bit pattern (torch.compile folds a cast down and back up into a no-op); it must
+    equal ``v.to(bfloat16).float()`` everywhere: random bit patterns (NaNs, infinities, subnormals included),
+    ties, values that round up to infinity."""
+    from lowrank.reference.bf16x3_linear import round_to_bf16
+
+    gen = torch.Generator().manual_seed(5)
+    v = torch.cat([torch.randint(-2 ** 31, 2 ** 31 - 1, (200_000,), dtype=torch.int32, generator=gen)
+                   .view(torch.float32),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.3895e38, 3.4e38, -3.4e38,
+                                 1e-40, -1e-41, 1.00390625, 1.01171875, 1.0000001])])
+    got, want = round_to_bf16(v), v.to(torch.bfloat16).float()
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), v[~same][:5]
+    compiled = torch.compile(round_to_bf16, fullgraph=True)(v)
+    assert bool(((compiled.view(torch.int32) == want.view(torch.int32)) | (compiled.isnan() & want.isnan())).all())

