@@ -267,7 +267,7 @@ def test_init_adapter_starts_from_a_squeezed_adapter(data, tiny_model, tmp_path)
 
 def test_distillation_pulls_a_squeezed_adapter_onto_its_teacher(data, tiny_model, tmp_path):
     """--distill-from: the loss is the embedding distance to the teacher (r = 4 merged), and it falls from the
-    squeezed start; a teacher that is the student's own start gives loss 0 at step 0 (no dropout aside)."""
+    squeezed start; the merged fp32 teacher computes exactly the LoRA model's embeddings."""
     from lowrank.compress.squeeze_peft import squeeze_peft_adapter
     from lowrank.rerank.train import _embed, distillation_loss, load_encoder, load_teacher
 
@@ -278,6 +278,10 @@ def test_distillation_pulls_a_squeezed_adapter_onto_its_teacher(data, tiny_model
                            teacher_adapter=teacher_dir, progress=False)
     assert all(0 <= x < 4 for x in run.losses)  # 2(1 - cos) of unit vectors
     assert min(run.losses[-2:]) < run.losses[0]
+    # a student that starts as its teacher starts at loss ~0: the teacher is exact and the student's dropout is off
+    same = train_bi_encoder(data, TrainConfig(**{**CFG, "steps": 1, "dtype": "float32"}), tmp_path / "self",
+                            model=tiny_model, init_adapter=teacher_dir, teacher_adapter=teacher_dir, progress=False)
+    assert same.losses[0] < 1e-9
 
     # the merged teacher computes the LoRA model's embeddings
     teacher = load_teacher(tiny_model, teacher_dir)
