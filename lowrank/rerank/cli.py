@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from typing import Any
 
 RERANKERS = ("embed", "cross", "first", "icr", "none")
@@ -101,6 +102,19 @@ def apply_lora_adapter(module: Any, path: str) -> int:
     return sum(isinstance(m, LoRALinear) for m in module.modules())
 
 
+def adapter_carries_head(path: str) -> bool:
+    """Whether the PEFT adapter at ``path`` brings its own classification head (``modules_to_save`` names
+    ``classifier`` or ``score``), as ``train-reranker --kind cross`` writes it."""
+    import os
+
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            saved = json.load(f).get("modules_to_save") or []
+    except (OSError, ValueError):
+        return False  # apply_lora_adapter reports a bad adapter directory
+    return any(name in ("classifier", "score") for name in saved)
+
+
 def merge_lora(module: Any) -> int:
     """Replace every LoRALinear of ``module`` by its merged nn.Linear (W + s·B·A); returns how many."""
     from lowrank.nn.lora_linear import LoRALinear
@@ -166,7 +180,11 @@ def run(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"data": ds.name or args.data or "example", "queries": len(ds.queries),
                             "top_k": args.top_k, "reranker": args.reranker}
     if args.reranker != "none":
-        reranker = build_reranker(args.reranker, args.model)
+        with warnings.catch_warnings():
+            if args.reranker == "cross" and args.model is None and args.lora and adapter_carries_head(args.lora):
+                # the default cross-encoder's seeded head is replaced by the adapter's trained one (modules_to_save)
+                warnings.filterwarnings("ignore", message=r"CrossEncoderReranker\(model=None\).*UNTRAINED")
+            reranker = build_reranker(args.reranker, args.model)
         module = _model_of(reranker)
         if args.lora:
             info["lora_layers"] = apply_lora_adapter(module, args.lora)

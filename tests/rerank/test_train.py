@@ -359,6 +359,9 @@ def test_cross_encoder_trains_head_and_lora_and_loads_into_peft(data, tiny_cross
     acfg = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     assert acfg["task_type"] == "SEQ_CLS" and acfg["modules_to_save"] == ["classifier"]
     assert "base_model.model.classifier.weight" in saved and "base_model.model.classifier.bias" in saved
+    from lowrank.rerank.cli import adapter_carries_head
+
+    assert adapter_carries_head(str(run.adapter_dir)) and not adapter_carries_head(str(tmp_path))
     assert any(".pooler.dense.lora_A." in k for k in saved)  # the head reads the pooler: it gets LoRA too
     base = AutoModelForSequenceClassification.from_pretrained(tiny_cross)
     assert not torch.equal(saved["base_model.model.classifier.weight"], base.classifier.weight)
