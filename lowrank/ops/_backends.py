@@ -3,8 +3,9 @@
 Every op owns a small table of :class:`Backend` records ("cpp", "cuda", "triton", "torch"), each declaring the
 devices and dtypes it serves and a probe that says why it cannot run. ``select`` takes the first backend with no
 reasons against it for ``backend="auto"`` (never Triton for CPU tensors: there it runs only in its interpreter, a
-testing aid); a named backend that cannot run raises :class:`BackendUnavailableError` listing every reason. Selection depends only on the device, dtype and what was
-built or installed, never on mutable globals or environment switches of ours, and there is no silent fallback.
+testing aid); a named backend that cannot run raises :class:`BackendUnavailableError` listing every reason.
+Selection depends only on the device, dtype and what was built or installed, never on mutable globals or
+environment switches of ours, and there is no silent fallback.
 """
 from __future__ import annotations
 

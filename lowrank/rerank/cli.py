@@ -107,12 +107,14 @@ def adapter_carries_head(path: str) -> bool:
     ``classifier`` or ``score``), as ``train-reranker --kind cross`` writes it."""
     import os
 
+    from lowrank.rerank.train import HEAD_NAMES
+
     try:
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             saved = json.load(f).get("modules_to_save") or []
     except (OSError, ValueError):
         return False  # apply_lora_adapter reports a bad adapter directory
-    return any(name in ("classifier", "score") for name in saved)
+    return any(name in HEAD_NAMES for name in saved)
 
 
 def merge_lora(module: Any) -> int:

@@ -295,20 +295,14 @@ def load_teacher(model: str | os.PathLike | None, adapter: str | os.PathLike) ->
     Merged (W + s·B·A in fp32) so that its forward costs one plain forward; fp32 so that the merged update is not
     rounded away (a bf16 W + ΔW keeps ΔW only to bf16's 2⁻⁸ of |W|).
     """
-    from peft import PeftModel
-
-    from lowrank.nn import from_peft
-    from lowrank.nn.lora_linear import LoRALinear
+    from lowrank.rerank.cli import apply_lora_adapter, merge_lora
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise ValueError(f"teacher_adapter: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
     net, _, _ = load_encoder(model, torch.float32)
-    from_peft(PeftModel.from_pretrained(net, str(adapter), is_trainable=False))
-    for name, m in list(net.named_modules()):
-        if isinstance(m, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, child, m.merged())
+    apply_lora_adapter(net, str(adapter))
+    merge_lora(net)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -507,9 +501,10 @@ def _check_resume(state: dict[str, Any], record: dict[str, Any], where: Path) ->
 
 # ------------------------------------------------------------------------------------------------- loop
 def train_reranker(data: TrainingData, config: TrainConfig, out: str | os.PathLike, *,
-                     model: str | os.PathLike | None = None, init_adapter: str | os.PathLike | None = None,
-                     teacher_adapter: str | os.PathLike | None = None, resume: bool = False, checkpoint_every: int = 50,
-                     progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                   model: str | os.PathLike | None = None, init_adapter: str | os.PathLike | None = None,
+                   teacher_adapter: str | os.PathLike | None = None, resume: bool = False,
+                   checkpoint_every: int = 50, progress: bool = True,
+                   on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train LoRA adapters on a bi- or cross-encoder (``config.kind``, module docstring); returns a
     :class:`TrainResult`.
 
