@@ -51,9 +51,9 @@ void expand_add_out(at::Tensor& y, const at::Tensor& src, const at::Tensor& h, c
 // product with the same output (the LoRA term: u = s·x·Aᵀ [T, r], V = B [out, r]). A GEMV is bound by streaming W,
 // and oneDNN adds ~130 µs of fixed cost per small call; with three calls (x·Aᵀ, base, B-term) that was 15–20%
 // of a 1×4096×4096 layer. Uses AVX512-BF16 dot products (fp32 accumulation) over NB output rows × T tokens held
-// in registers (NB = 4 up to 4 tokens, fewer rows beyond, so T·NB ≤ 16 accumulators). Each block of NB rows
-// re-reads all of x, T·K·N/NB bytes in all, which is why the fused pass stops paying past ~4 tokens (the
-// caller decides; cpu/lora_linear.cpp); up to 8 tokens it is still the cheapest way to form the rank-r shrink.
+// in registers (NB = 3–6, T·NB ≤ 24 accumulators), prefetching the next block of W rows. Each block of NB rows
+// re-reads all of x (from L1/L2), T·K·N/NB bytes in all; the caller decides up to how many tokens the fused pass
+// pays (cpu/lora_linear.cpp: 4 with AMX, 8 without); up to 8 tokens it is the cheapest way to form the shrink.
 // Requirements (checked by decode_supported): bf16, 1 ≤ T ≤ 8, unit column strides. Not bit-identical to
 // F.linear (another summation order); within the reference's error.
 bool decode_supported(const at::Tensor& x2, const at::Tensor& w);

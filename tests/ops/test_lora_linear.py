@@ -26,7 +26,7 @@ SHAPES = [
     ((2, 17), 33, 65, 8),
     ((3, 1, 5), 255, 17, 17),
     ((2,), 1025, 33, 16),      # 1–4 tokens take the fused bf16 decode pass on AVX-512 BF16 CPUs; 1025 = 32·32 + 1
-    ((7,), 1025, 35, 9),       # 5–8 tokens: the decode kernel forms only the rank-r shrink
+    ((7,), 1025, 35, 9),       # 5–8 tokens: the fused pass without AMX; with AMX it forms only the shrink
 ]
 
 
