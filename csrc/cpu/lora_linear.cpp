@@ -172,8 +172,23 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
     return {dx, dw, da, db};
   }
   at::Tensor gb;  // s·(g·B) in fp32 (fp64 for fp64) [T, r], shared by dx and dA
-  if (output_mask[0] || output_mask[2]) gb = cpu::shrink(g2, lora_b.t(), scaling);
-  if (output_mask[0]) {
+  if (output_mask[0] && dtype == at::kBFloat16) {
+    // bf16, up to 8 tokens, no AMX: g·W (g·[W | B] in the joint layout, which brings the shrink of g with it) is
+    // one pass over the weights summed in fp32 (cpu::decode_nn_bf16), where oneDNN's GEMM of this form runs at a
+    // third of the memory floor; dx is rounded once, after the rank-r add.
+    const at::Tensor wj = cpu::joint_weight(weight, lora_b);
+    const at::Tensor wsrc = wj.defined() ? wj : weight;
+    if (cpu::decode_nn_supported(g2, wsrc)) {
+      const at::Tensor d = cpu::decode_nn_bf16(g2, wsrc);
+      gb = wj.defined() ? at::mul(d.narrow(1, in, lora_a.size(0)), scaling).contiguous()
+                        : cpu::shrink(g2, lora_b.t(), scaling);
+      at::Tensor acc = at::empty({g2.size(0), in}, d.options());
+      cpu::expand_add_out(acc, d.narrow(1, 0, in), gb, lora_a, std::nullopt);
+      dx = acc.to(dtype).view(x.sizes());
+    }
+  }
+  if (!gb.defined() && (output_mask[0] || output_mask[2])) gb = cpu::shrink(g2, lora_b.t(), scaling);
+  if (output_mask[0] && !dx.has_value()) {
     at::Tensor d = at::mm(g2, weight);
     cpu::expand_add_(d, gb, lora_a, std::nullopt);  // += gB·A
     dx = d.view(x.sizes());

@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -214,6 +215,106 @@ void decode_dispatch(const at::Tensor& x2, const at::Tensor& w, const float* b, 
   }
 }
 
+
+// ---- decode_nn_bf16: out = g·W for a few tokens (see lowrank_kernels.h) ----
+// Layout of the work: each thread owns a range of 32-column blocks of W; W is walked in panels of kPanelRows
+// rows, and within a panel block by block, so every row is read as one 64-byte piece per block (each element of
+// W once in all) while the TT × 32 partial sums of the block sit in 2·TT registers. Two rows are interleaved
+// (VPUNPCKL/HWD) so one VDPBF16PS multiplies the pair (W[n, c], W[n + 1, c]) by the broadcast token pair
+// (g[t, n], g[t, n + 1]). The interleave permutes columns within 128-bit lanes (acc0 lane 4L + q holds column
+// 8L + q, acc1 column 8L + 4 + q); the partial sums are kept in that order in the fp32 output and put back in
+// column order by one pass at the end. Each row piece of the block kPrefetchBlocks ahead is prefetched: a panel
+// has 64 row streams, more than the hardware prefetcher follows.
+constexpr int64_t kPanelRows = 128;
+constexpr int64_t kPrefetchBlocks = 4;
+
+template <int TT, bool kTail>
+LOWRANK_AVX512 __attribute__((noinline)) void nn_block(const c10::BFloat16* g, int64_t ldg,
+                                                       const c10::BFloat16* w, int64_t ldw, int64_t n0,
+                                                       int64_t n1, int64_t c, int64_t cols, int64_t N,
+                                                       float* out, int64_t ldo, bool first) {
+  __m512 acc[TT][2];
+  if (first) {
+    for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  } else {
+    for (int t = 0; t < TT; ++t) {
+      acc[t][0] = _mm512_loadu_ps(out + t * ldo + c);
+      acc[t][1] = _mm512_loadu_ps(out + t * ldo + c + 16);
+    }
+  }
+  const __mmask32 m = kTail ? (__mmask32)((1ull << cols) - 1ull) : (__mmask32)0xFFFFFFFFu;
+  const int64_t pairs_end = n0 + (n1 - n0) / 2 * 2;
+  const auto* G = reinterpret_cast<const uint16_t*>(g);
+  for (int64_t n = n0; n < pairs_end; n += 2) {
+    const c10::BFloat16* r0 = w + n * ldw + c;
+    __m512i a, b;
+    if constexpr (kTail) {
+      a = _mm512_maskz_loadu_epi16(m, r0);
+      b = _mm512_maskz_loadu_epi16(m, r0 + ldw);
+    } else {
+      a = _mm512_loadu_si512(r0);
+      b = _mm512_loadu_si512(r0 + ldw);
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + 32 * kPrefetchBlocks), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + ldw + 32 * kPrefetchBlocks), _MM_HINT_T0);
+    }
+    const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+    for (int t = 0; t < TT; ++t) {
+      int32_t pair;
+      std::memcpy(&pair, G + t * ldg + n, sizeof(pair));
+      const __m512i gv = _mm512_set1_epi32(pair);
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)lo, (__m512bh)gv);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)hi, (__m512bh)gv);
+    }
+  }
+  if (pairs_end < n1) {  // odd row count: the last row pairs with zeros
+    const __m512i a = _mm512_maskz_loadu_epi16(m, w + pairs_end * ldw + c), z = _mm512_setzero_si512();
+    const __m512i lo = _mm512_unpacklo_epi16(a, z), hi = _mm512_unpackhi_epi16(a, z);
+    for (int t = 0; t < TT; ++t) {
+      const __m512i gv = _mm512_set1_epi32(static_cast<int32_t>(G[t * ldg + pairs_end]));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], (__m512bh)lo, (__m512bh)gv);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)hi, (__m512bh)gv);
+    }
+  }
+  (void)N;
+  for (int t = 0; t < TT; ++t) {
+    _mm512_storeu_ps(out + t * ldo + c, acc[t][0]);
+    _mm512_storeu_ps(out + t * ldo + c + 16, acc[t][1]);
+  }
+}
+
+// Puts one 32-column block of partial sums (interleave order, see above) back in column order, in place.
+LOWRANK_AVX512 void nn_unpermute(float* p) {
+  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  _mm512_storeu_ps(p, _mm512_permutex2var_ps(a, i0, b));
+  _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(a, i1, b));
+}
+
+template <int TT>
+void decode_nn_impl(const at::Tensor& g2, const at::Tensor& w, at::Tensor& out) {
+  const int64_t N = w.size(0), C = w.size(1), ldw = w.stride(0), ldg = g2.stride(0), ldo = out.stride(0);
+  const int64_t nblocks = (C + 31) / 32, Cfull = C / 32 * 32;
+  const auto* Gp = g2.const_data_ptr<c10::BFloat16>();
+  const auto* Wp = w.const_data_ptr<c10::BFloat16>();
+  float* O = out.mutable_data_ptr<float>();
+  // The output is padded to whole blocks (ldo ≥ nblocks·32) so every block's partial sums are full vectors.
+  at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) {
+      const int64_t n1 = std::min(N, n0 + kPanelRows);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c = b * 32;
+        if (c + 32 <= Cfull)
+          nn_block<TT, false>(Gp, ldg, Wp, ldw, n0, n1, c, 32, N, O, ldo, n0 == 0);
+        else
+          nn_block<TT, true>(Gp, ldg, Wp, ldw, n0, n1, c, C - c, N, O, ldo, n0 == 0);
+      }
+    }
+    for (int64_t b = b0; b < b1; ++b)
+      for (int t = 0; t < TT; ++t) nn_unpermute(O + t * ldo + b * 32);
+  });
+}
+
 #endif  // LOWRANK_HAVE_AVX512_KERNELS
 
 bool use_avx512(const at::Tensor& y) {
@@ -286,6 +387,31 @@ at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const s
   }
 #endif
   return y;
+}
+
+bool decode_nn_supported(const at::Tensor& g2, const at::Tensor& w) {
+  return has_avx512_bf16() && g2.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+         g2.dim() == 2 && w.dim() == 2 && g2.size(0) >= 1 && g2.size(0) <= kDecodeMaxT && g2.stride(1) == 1 &&
+         w.stride(1) == 1 && g2.size(1) == w.size(0) && w.size(0) >= 1 && w.size(1) >= 1;
+}
+
+at::Tensor decode_nn_bf16(const at::Tensor& g2, const at::Tensor& w) {
+  TORCH_CHECK(decode_nn_supported(g2, w), "decode_nn_bf16: unsupported arguments");
+  const int64_t T = g2.size(0), C = w.size(1), Cp = (C + 31) / 32 * 32;
+  at::Tensor out = at::empty({T, Cp}, g2.options().dtype(at::kFloat));
+#if LOWRANK_HAVE_AVX512_KERNELS
+  switch (T) {
+    case 1: decode_nn_impl<1>(g2, w, out); break;
+    case 2: decode_nn_impl<2>(g2, w, out); break;
+    case 3: decode_nn_impl<3>(g2, w, out); break;
+    case 4: decode_nn_impl<4>(g2, w, out); break;
+    case 5: decode_nn_impl<5>(g2, w, out); break;
+    case 6: decode_nn_impl<6>(g2, w, out); break;
+    case 7: decode_nn_impl<7>(g2, w, out); break;
+    default: decode_nn_impl<8>(g2, w, out); break;
+  }
+#endif
+  return out.narrow(1, 0, C);
 }
 
 }  // namespace lowrank::cpu

@@ -61,6 +61,15 @@ at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const s
                               const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
                               at::ScalarType out_dtype);
 
+// Few tokens, bf16: out = g·W [T, C] in fp32, g [T, N], W [N, C] (any row stride, unit column stride), for
+// 1 ≤ T ≤ 8. The backward's dx = g·W at decode sizes: oneDNN's bf16 GEMM of that form (the weight not transposed)
+// ran 8×4096² in 3.0–4.2 ms on an AMD EPYC Zen 4, 2.4–3.3× its memory floor (1.26 ms); this is one pass over W (panels of rows, each
+// row read in 64-byte pieces per 32-column block, 2·T accumulators), sums in fp32: 1.8–2.2 ms there, 0.53–0.6×
+// the GEMM in the same runs (panels of 32–128 rows, prefetch 2–8 blocks ahead all within that noise). With the joint [W | B] view
+// the last r columns are g·B, the shrink of g, in the same pass. Requirements: decode_nn_supported.
+bool decode_nn_supported(const at::Tensor& g2, const at::Tensor& w);
+at::Tensor decode_nn_bf16(const at::Tensor& g2, const at::Tensor& w);
+
 // Joint layout: weight W [N, K] and lora_b B [N, r] are the two column blocks of one row-major [N, K + r] buffer
 // (LoRALinear.pack_()), so W' = [W | B] is a plain [N, K + r] matrix with no copy. Returns that view, or an
 // undefined tensor when the arguments are not laid out that way.

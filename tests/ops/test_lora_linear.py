@@ -67,6 +67,22 @@ def test_forward_large_weight_few_tokens(dtype, tokens, joint):
     assert_matches_oracle(y, reference, args)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("shape", [(2048, 2049, 5), (33, 31, 16), (1, 1, 1)], ids=str)
+@pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
+def test_backward_few_tokens_bf16(tokens, shape, joint):
+    """bf16 backward at decode sizes: without AMX, g·W (g·[W | B] joint) is one pass over the weights
+    (cpu::decode_nn_bf16) for up to 8 tokens: odd row counts (the last row pairs with zeros), column tails of a
+    32-wide block, panels of rows (2049 rows), and 9 tokens (past it: oneDNN)."""
+    args = make_inputs((tokens,), *shape, torch.bfloat16, bias=True, joint=joint) + [0.5]
+    leaves = [a.detach().requires_grad_(True) for a in args[:5]] + [args[5]]
+    y = lora_linear(*leaves, backend="cpp")
+    g = torch.randn_like(y)
+    wrt = [0, 3, 4]
+    grads = torch.autograd.grad(y, [leaves[i] for i in wrt], g)
+    assert_grads_match_oracle(grads, reference, args, g, wrt)
+
+
 JOINT_SHAPES = SHAPES + [((33,), 64, 48, 40), ((300,), 4096, 17, 16), ((16,), 31, 9, 256), ((12,), 100, 47, 3)]
 
 
