@@ -33,13 +33,15 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Up to this many bf16 tokens the base layer is the fused AVX512-BF16 decode pass (one read of W).
-constexpr int64_t kDecodeMaxT = 4;
+// Up to this many bf16 tokens the base layer is the fused AVX512-BF16 decode pass (one read of W): 4 on CPUs with
+// AMX (measured there before the pass prefetched W), 8 without (cpu/lora_linear.cpp: on an AMD EPYC Zen 4 the pass
+// runs 8×4096² in ~0.6–0.8× the time of oneDNN's small-M bf16 GEMM).
+int64_t decode_max_t() { return cpu::has_amx_bf16() ? 4 : 8; }
 
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t T = x2.size(0);
   const auto dtype = x2.scalar_type();
-  if (cpu::has_avx512_bf16() && dtype == at::kBFloat16 && T <= kDecodeMaxT && cpu::decode_supported(x2, weight))
+  if (cpu::has_avx512_bf16() && dtype == at::kBFloat16 && T <= decode_max_t() && cpu::decode_supported(x2, weight))
     return cpu::decode_linear_bf16(x2, weight, bias, std::nullopt, std::nullopt, at::kBFloat16);
   const bool onednn = cpu::onednn_linear_op() != nullptr && cpu::has_avx512_bf16() && weight.is_contiguous() && T > 0 &&
                       (dtype == at::kBFloat16 ||
@@ -102,9 +104,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backwar
   if ((output_mask[0] || output_mask[2]) && !segs.empty())
     gb = cpu::segment_shrink(g2, pm, segs, bt_rows(lora_b, segs), rows, r);
   if (output_mask[0]) {
-    at::Tensor d = at::mm(g2, weight);
+    // bf16, 1–8 tokens, no AMX: g·W as one pass over W in fp32 (cpu::decode_nn_bf16; oneDNN's GEMM of this form
+    // runs at a third of the memory floor on Zen 4), the rank-r add in fp32 and one rounding.
+    const bool nn = !cpu::has_amx_bf16() && x2.scalar_type() == at::kBFloat16 && cpu::decode_nn_supported(g2, weight);
+    at::Tensor d = nn ? cpu::decode_nn_bf16(g2, weight) : at::mm(g2, weight);
     if (gb.defined()) cpu::segment_expand_add_(d, pm, segs, gb, a_rows(lora_a, segs));
-    dx = d.view(x.sizes());
+    dx = (nn ? d.to(at::kBFloat16) : d).view(x.sizes());
   }
   if (output_mask[1]) dw = at::mm(g2.t(), x2);
   if (output_mask[2]) {

@@ -316,9 +316,11 @@ void expand_sparse_(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, c
 // at 2048×768×3072, 1.04 / 1.17 at 512×4096×4096; at 8×4096×4096 1.40 / 1.26, yet the packed module's strided W
 // block made the unpacked path slower still (ATen's addmm instead of oneDNN): 1.88. So packed layers take the
 // fused GEMM from kFusedMinT tokens on, and up to kDecodeMaxT tokens the one-pass decode kernel (bias + x·Wᵀ +
-// U·Bᵀ over W and B in place, cpu::decode_linear_bf16), whatever the layout.
+// U·Bᵀ over W and B in place, cpu::decode_linear_bf16), whatever the layout. Without AMX the decode pass takes up
+// to 8 tokens (as in cpu/lora_linear.cpp: with its prefetch it runs 8×4096² in ~0.6–0.8× oneDNN's small-M GEMM
+// time on an AMD EPYC Zen 4), and the fused GEMM the rest.
 constexpr int64_t kFusedMinT = 5;
-constexpr int64_t kDecodeMaxT = 4;
+int64_t decode_max_t() { return cpu::has_amx_bf16() ? 4 : 8; }
 
 bool fused_supported(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_b) {
   return x2.size(0) >= kFusedMinT && x2.scalar_type() == at::kBFloat16 && x2.stride(1) == 1 &&
@@ -368,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
   });
   at::Tensor y;
   const at::Tensor wj = fused_supported(x2, weight, lora_b) ? cpu::joint_weight(weight, lora_b) : at::Tensor();
-  if (T > 0 && T <= kDecodeMaxT && cpu::decode_supported(x2, weight) && lora_b.stride(1) == 1) {
+  if (T > 0 && T <= decode_max_t() && cpu::decode_supported(x2, weight) && lora_b.stride(1) == 1) {
     at::Tensor ud = at::zeros({T, E}, u.options());
     ud.scatter_(1, idx, u);
     y = cpu::decode_linear_bf16(x2, weight, bias, ud.to(at::kBFloat16), lora_b, at::kBFloat16);
@@ -457,8 +459,17 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
                               temperature, threshold, D, U);
     });
   }
+  // bf16, 1–8 tokens, no AMX: g·W as one fp32 pass over W (cpu::decode_nn_bf16; oneDNN's GEMM of this form runs
+  // at a third of the memory floor on Zen 4), D·[A; R] added in fp32, one rounding.
+  OptTensor dx;
+  if (mask[0] && T > 0 && dt == at::kBFloat16 && !cpu::has_amx_bf16() && cpu::decode_nn_supported(g2, weight)) {
+    at::Tensor d = cpu::decode_nn_bf16(g2, weight);
+    d.addmm_(D.to(at::kFloat), ar.to(at::kFloat));
+    dx = d.to(dt).view(x.sizes());
+    mask[0] = false;
+  }
   const auto d = rank1_backward_products(D, U, g2, x2, weight, ar, E, use_router, mask, x.sizes(), dt);
-  return {d[0], d[1], d[2], d[3], d[4]};
+  return {dx.has_value() ? dx : d[0], d[1], d[2], d[3], d[4]};
 }
 
 }  // namespace

@@ -70,11 +70,24 @@ def test_forward_matches_reference(backend, dtype, shape, pattern):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 8, 9, 64])
 def test_forward_large_weight_few_tokens(dtype, tokens):
-    """Decode regimes: the bf16 base of 1–4 tokens is the fused AVX512-BF16 pass, fp32 2–64 tokens oneDNN."""
+    """Decode regimes: the bf16 base of 1–4 tokens (1–8 without AMX) is the fused AVX512-BF16 pass, fp32 2–64
+    tokens oneDNN."""
     args = make_inputs((tokens,), 2048, 2049, 4, 16, dtype)
     assert_matches_oracle(multi_lora_linear(*args, backend="cpp"), reference, args)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 8, 9])
+def test_backward_few_tokens_bf16(tokens):
+    """bf16 dx at 1–8 tokens without AMX: g·W in one fp32 pass over W (odd row count 2049), then the segmented
+    rank-r add into the fp32 sums and one rounding; 9 tokens: oneDNN."""
+    args = make_inputs((tokens,), 2048, 2049, 4, 16, torch.bfloat16)
+    leaves = [t.detach().requires_grad_(True) for t in args[:5]] + args[5:]
+    y = multi_lora_linear(*leaves, backend="cpp")
+    g = torch.randn_like(y)
+    assert_grads_match_oracle(torch.autograd.grad(y, [leaves[0], leaves[3], leaves[4]], g), reference, args, g,
+                              [0, 3, 4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -148,11 +148,12 @@ def test_backward_matches_reference(backend, dtype, shape, gate):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [((3,), 17, 9, 4, 4), ((4,), 100, 50, 64, 8), ((7,), 33, 20, 8, 2), ((255,), 40, 70, 16, 3),
-                                   ((2, 9), 65, 33, 64, 8)], ids=str)
+                                   ((2, 9), 65, 33, 64, 8), ((8,), 1025, 67, 16, 4)], ids=str)
 @pytest.mark.parametrize("gate", GATES)
 def test_packed_layout(dtype, shape, gate):
     """weight and lora_b as the column blocks of one [out, in + E] buffer (Rank1ExpertsLinear's bf16 layout: the CPU
-    kernel runs [x | U]·[W | B]ᵀ as one GEMM); forward and backward parity, inputs left as they were."""
+    kernel runs [x | U]·[W | B]ᵀ as one GEMM; 1–8 bf16 tokens without AMX: the decode passes, forward and dx, with
+    a column tail of 1025 and an odd row count); forward and backward parity, inputs left as they were."""
     lead, in_, out, E, k = shape
     args, kw = make_inputs(lead, in_, out, E, dtype, gate, router_bias=gate == "router")
     buf = torch.cat([args[1], args[4]], dim=1)
