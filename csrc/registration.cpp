@@ -20,6 +20,10 @@ TORCH_LIBRARY(lowrank, m) {
   m.set_python_module("lowrank.ops.gather_logits");
   m.def("gather_logits(Tensor hidden, Tensor weight, Tensor ids, Tensor? bias) -> Tensor");
   m.def("gather_logits_triton(Tensor hidden, Tensor weight, Tensor ids, Tensor? bias) -> Tensor");
+  // y = x·weightᵀ + bias in float32 on oneDNN's fp32 GEMM (CPU only): the GEMM F.linear does not take. x [..., in],
+  // weight [out, in], bias [out]. Autograd (plain ATen products) in the Python module.
+  m.set_python_module("lowrank.ops.onednn_linear");
+  m.def("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // mass[b, h, j] = Σ_i softmax_j(scale·q[b,h,i]·k[b,h/g,j]) over j <= offset + i: column sums of the query rows
   // of causal attention, q [B, Hq, nq, d], k [B, Hkv, n, d]; float32 (float64 for double). Not differentiable.
   m.set_python_module("lowrank.ops.query_attention_mass");

@@ -1,7 +1,7 @@
 """``lowrank rerank``: first stage + neural reranker + evaluation on a BEIR-layout collection.
 
     lowrank rerank [--data DIR] [--reranker embed|cross|first|icr|none] [--model DIR] [--top-k 100]
-                   [--queries N] [--lora PATH] [--compress BUDGET] [--matmul auto|fp32|bf16x3]
+                   [--queries N] [--lora PATH] [--compress BUDGET] [--matmul auto|fp32|bf16x3|onednn]
                    [--fusion none|linear|rrf] [--json]
 
 With no ``--data`` it runs on the small example collection shipped in the package. The first stage is BM25
@@ -11,7 +11,8 @@ are also fused (a linear weight of 0.5, or RRF). Models default to the offline o
 reranker's model and converts its LoRA layers to lowrank's fused ``LoRALinear``; ``--compress BUDGET`` runs
 ``lowrank.compress.compress_model`` on the model's Linear layers (no calibration) before scoring. ``--matmul``
 (default auto: bf16x3 on CPUs with AMX tiles) runs the remaining fp32 Linears as ``lowrank.nn.Bf16x3Linear``
-(three bf16 products, scores within ~1e-5 of fp32, ~2× faster matmuls).
+(three bf16 products, scores within ~1e-5 of fp32, ~2× faster matmuls); ``--matmul onednn`` runs them as
+``lowrank.nn.OneDnnLinear`` (oneDNN's fp32 GEMM, faster than MKL's on AMD CPUs).
 
 Prints a table (nDCG@10, Recall@100, MRR@10 over judged queries; docs/s = candidates scored per second of
 reranking; per-query latency p50/p95 in ms); ``--json`` prints the same as one JSON object instead.
@@ -45,9 +46,10 @@ def add_parser(sub: Any) -> None:
                    help="compress the reranker model's Linear layers to this parameter budget, in (0, 1]")
     p.add_argument("--fusion", choices=("none", "linear", "rrf"), default="none",
                    help="also fuse BM25 and reranker scores (linear weight 0.5, or RRF)")
-    p.add_argument("--matmul", choices=("auto", "fp32", "bf16x3"), default="auto",
+    p.add_argument("--matmul", choices=("auto", "fp32", "bf16x3", "onednn"), default="auto",
                    help="how the fp32 model's remaining nn.Linear layers multiply: bf16x3 (lowrank.nn.Bf16x3Linear, "
-                        "AMX tiles, ~1e-5 of fp32) or fp32; auto = bf16x3 where the CPU has AMX and the model is "
+                        "AMX tiles, ~1e-5 of fp32), onednn (lowrank.nn.OneDnnLinear: oneDNN's fp32 GEMM, faster "
+                        "than MKL's on AMD CPUs) or fp32; auto = bf16x3 where the CPU has AMX and the model is "
                         "float32 (after --lora / --compress), else fp32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -77,7 +79,7 @@ def build_reranker(kind: str, model: str | None) -> Any:
 
 def apply_matmul_option(module: Any, matmul: str) -> str:
     """--matmul: convert the module's plain fp32 Linears to Bf16x3Linear for "bf16x3" (and for "auto" where the CPU
-    has AMX tiles and every parameter is float32); returns what was applied."""
+    has AMX tiles and every parameter is float32) or to OneDnnLinear for "onednn"; returns what was applied."""
     from lowrank.rerank._matmul import apply_matmul, auto_matmul
 
     if matmul == "auto":

@@ -223,8 +223,10 @@ class CrossEncoderReranker:
         label: which column of a several-label head is the relevance score (required then; 0 or None for one).
         dtype: weights and activations dtype (logits are cast to float32 before the activation).
         device: where the model runs.
-        matmul: "fp32" (the model as loaded) or "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
-            ~2× faster on CPUs with AMX tiles, scores within ~1e-5 of fp32; float32 models only).
+        matmul: "fp32" (the model as loaded), "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
+            ~2× faster on CPUs with AMX tiles, scores within ~1e-5 of fp32) or "onednn" (as
+            :class:`lowrank.nn.OneDnnLinear`: oneDNN's fp32 GEMM, faster than MKL's on AMD CPUs); float32 models
+            only.
     """
 
     def __init__(self, model: str | Path | None = None, *, max_length: int | None = None, token_budget: int = 2048,

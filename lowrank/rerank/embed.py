@@ -99,8 +99,10 @@ class Encoder:
         batch_size: texts per forward pass. The default 8 (256 tokens each: a [2048, 1536] fp32 FFN activation,
             12.6 MB) stays under glibc's 32 MB mmap threshold, so activations are reused from the heap instead of
             page-faulted in anew at every layer; 32 ran ~25% slower on CPU.
-        matmul: "fp32" (the model as loaded) or "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
-            ~2× faster on CPUs with AMX tiles, embeddings within ~1e-5 of fp32; float32 models only).
+        matmul: "fp32" (the model as loaded), "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
+            ~2× faster on CPUs with AMX tiles, embeddings within ~1e-5 of fp32) or "onednn" (as
+            :class:`lowrank.nn.OneDnnLinear`: oneDNN's fp32 GEMM, faster than MKL's on AMD CPUs, within a few fp32
+            ulps); float32 models only.
     """
 
     def __init__(self, model: str | Path | None = None, *, max_seq_length: int | None = None,
@@ -173,7 +175,8 @@ class Encoder:
 
     @property
     def matmul(self) -> str:
-        """"bf16x3" when the model's Linears run as lowrank.nn.Bf16x3Linear (however they were converted), else "fp32"."""
+        """"bf16x3" / "onednn" when the model's Linears run as lowrank.nn.Bf16x3Linear / OneDnnLinear (however
+        they were converted), else "fp32"."""
         return matmul_of(self.model)
 
     @property

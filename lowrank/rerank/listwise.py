@@ -51,8 +51,10 @@ class ListwiseReranker:
         max_passage_tokens, max_query_tokens: truncation limits (tokens), counted in warnings.
         dtype, device: where and in what precision the LM runs.
         backend: the ``lowrank.ops.gather_logits`` backend ("auto", "cpp", "triton", "torch", ...).
-        matmul: "fp32" (the LM as loaded) or "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
-            faster on CPUs with AMX tiles, logits within ~1e-5 relative of fp32; float32 models only).
+        matmul: "fp32" (the LM as loaded), "bf16x3" (its Linear layers as :class:`lowrank.nn.Bf16x3Linear`:
+            faster on CPUs with AMX tiles, logits within ~1e-5 relative of fp32) or "onednn" (as
+            :class:`lowrank.nn.OneDnnLinear`: oneDNN's fp32 GEMM, faster than MKL's on AMD CPUs); float32 models
+            only.
     """
 
     def __init__(self, model: str | Path | None = None, *, window_size: int = 20, stride: int = 10,

