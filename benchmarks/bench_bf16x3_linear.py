@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.conftest import fp32_linear_case
 from lowrank.nn import Bf16x3Linear
 from lowrank.ops._backends import cpu_isa
 
@@ -31,12 +32,7 @@ SMOKE_SHAPES = ((17, 40, 24),)
 
 @functools.lru_cache(maxsize=1)
 def _layers(shape: tuple[int, int, int]):
-    t, n_in, n_out = shape
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(n_in, n_out)
-    x = torch.randn(t, n_in, generator=g)
-    with torch.no_grad():
-        exact = x.double() @ lin.weight.double().T + lin.bias.double()
+    lin, x, exact = fp32_linear_case(shape)
     return {"linear-fp32": (lin, x), "bf16x3": (Bf16x3Linear.from_linear(lin), x)}, exact
 
 

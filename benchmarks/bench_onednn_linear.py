@@ -16,8 +16,8 @@ import functools
 
 import pytest
 import torch
-from torch import nn
 
+from benchmarks.conftest import fp32_linear_case
 from lowrank.nn import OneDnnLinear
 
 BENCHMARKED_OPS = {"onednn_linear"}
@@ -28,12 +28,7 @@ SMOKE_SHAPES = ((17, 40, 24),)
 
 @functools.lru_cache(maxsize=1)
 def _layers(shape: tuple[int, int, int]):
-    t, n_in, n_out = shape
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(n_in, n_out)
-    x = torch.randn(t, n_in, generator=g)
-    with torch.no_grad():
-        exact = x.double() @ lin.weight.double().T + lin.bias.double()
+    lin, x, exact = fp32_linear_case(shape)
     return {"linear": lin, "onednn": OneDnnLinear.from_linear(lin)}, x, exact
 
 

@@ -100,3 +100,15 @@ def run_peer_step(run_benchmark):
             p.grad = None
         return out
     return run
+
+
+def fp32_linear_case(shape: tuple[int, int, int]):
+    """A seeded fp32 ``nn.Linear(in, out)`` for ``shape = (T, in, out)``, an input x [T, in] and the exact product
+    x·Wᵀ + b in fp64: the layer, input and oracle of the fp32-linear benchmarks (bf16x3, oneDNN)."""
+    t, n_in, n_out = shape
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(n_in, n_out)
+    x = torch.randn(t, n_in, generator=g)
+    with torch.no_grad():
+        exact = x.double() @ lin.weight.double().T + lin.bias.double()
+    return lin, x, exact

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank.nn._swap import float32_linears
 from lowrank.ops.bf16x3_linear import BACKENDS, bf16x3_linear, pack_bf16x3
 from lowrank.ops._backends import select
 
@@ -194,12 +195,7 @@ def use_bf16x3(model: nn.Module, *, backend: str = "auto", fuse: bool = True) ->
     becomes a :class:`Bf16x3GatedMLP`. Raises :class:`~lowrank.BackendUnavailableError` (before changing anything)
     when ``backend`` cannot run on the model's device; layers of other dtypes are left as they are.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"use_bf16x3: model must be an nn.Module, got {type(model).__name__}")
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.dtype == torch.float32]
-    for device in {child.weight.device for _, _, child in targets}:
-        select("bf16x3_linear", BACKENDS, backend, device, torch.float32)
+    targets = float32_linears(model, "use_bf16x3", "bf16x3_linear", BACKENDS, backend)
     count = 0
     if fuse:
         mlps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()

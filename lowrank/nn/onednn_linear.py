@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowrank.nn._swap import float32_linears
 from lowrank.ops._backends import select
 from lowrank.ops.onednn_linear import BACKENDS, onednn_linear
 
@@ -54,12 +55,7 @@ def use_onednn(model: nn.Module, *, backend: str = "auto") -> int:
     sharing its Parameters; returns how many. Layers of other dtypes are left as they are. Raises
     :class:`~lowrank.BackendUnavailableError` (before changing anything) when ``backend`` cannot run on a layer's
     device."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"use_onednn: model must be an nn.Module, got {type(model).__name__}")
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.dtype == torch.float32]
-    for device in {child.weight.device for _, _, child in targets}:
-        select("onednn_linear", BACKENDS, backend, device, torch.float32)
+    targets = float32_linears(model, "use_onednn", "onednn_linear", BACKENDS, backend)
     for parent, name, child in targets:
         setattr(parent, name, OneDnnLinear.from_linear(child, backend=backend))
     return len(targets)
