@@ -79,10 +79,12 @@ def test_forward_large_weight_few_tokens(dtype, tokens):
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 8, 9])
-def test_backward_few_tokens_bf16(tokens):
-    """bf16 dx at 1–8 tokens without AMX: g·W in one fp32 pass over W (odd row count 2049), then the segmented
-    rank-r add into the fp32 sums and one rounding; 9 tokens: oneDNN."""
-    args = make_inputs((tokens,), 2048, 2049, 4, 16, torch.bfloat16)
+@pytest.mark.parametrize("in_out", [(2048, 2049), (33, 70)], ids=str)
+def test_backward_few_tokens_bf16(tokens, in_out):
+    """bf16 dx at 1–8 tokens without AMX: g·W in one fp32 pass over W (odd row count 2049; 33 columns: a block
+    tail, the fp32 sums' rows padded to 64), then the segmented rank-r add into them and one rounding; 9 tokens:
+    oneDNN."""
+    args = make_inputs((tokens,), *in_out, 4, 16, torch.bfloat16)
     leaves = [t.detach().requires_grad_(True) for t in args[:5]] + args[5:]
     y = multi_lora_linear(*leaves, backend="cpp")
     g = torch.randn_like(y)
