@@ -70,12 +70,6 @@ at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std
   return has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }
 
-// Up to this many tokens the whole layer is one fused pass over W (cpu/lowrank_kernels.h). Measured, bf16 4096²:
-// on an Intel Xeon with AMX (before the pass prefetched W) it stopped paying past 4 tokens (1.20× F.linear at 8),
-// and there the AMX skinny kernel takes 4–16 tokens of a packed layer; on an AMD EPYC Zen 4 (AVX512-BF16, no
-// AMX), with the prefetch, the pass runs 8 tokens in ~0.6× F.linear's time (oneDNN's small-M bf16 GEMM does not
-// reach the memory floor there), so without AMX it takes up to 8.
-int64_t fused_decode_max_t() { return cpu::has_amx_bf16() ? 4 : 8; }
 // From this many tokens (to 16) a packed layer runs on the AMX skinny kernel (cpu/skinny_amx.cpp); measured
 // 4096², bf16, against F.linear: 0.89× at 4 tokens (the decode pass: 0.97×), 0.91× at 8 (1.20×), 1.03× at 16;
 // at 1 token the decode pass is faster (0.59× vs 0.70×).
@@ -98,7 +92,7 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return cpu::skinny_linear_amx(cpu::augment_bf16(x2, lora_a, scaling), wj, bias).view(out_shape);
   }
   const bool decode = lora && cpu::decode_supported(x2, lora_a) && lora_b.stride(1) == 1;
-  if (decode && x2.size(0) <= fused_decode_max_t()) {
+  if (decode && x2.size(0) <= cpu::fused_decode_max_tokens()) {
     // Decode: u = s·x·Aᵀ (rounded to bf16, as the unfused layer's h is), then bias + x·Wᵀ + u·Bᵀ in one pass.
     const at::Tensor u = cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt, at::kFloat)
                              .mul_(scaling)

@@ -121,6 +121,15 @@ void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np,
   });
 }
 
+// Horizontal sum of 16 lanes, a tree as _mm512_reduce_add_ps is.
+LOWRANK_AVX512 inline float hsum(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+
 // sum[t][j] += Σ_i x[t, i] · w[j, i] over i < K for j < nb, in bf16 pairs with fp32 accumulation. NB rows of W
 // are streamed together so each x chunk loaded serves NB dot products; the TT·NB accumulators live in registers.
 // Rows past nb re-read row nb - 1 (their sums are discarded) so the loop has no per-row branch.
@@ -131,16 +140,6 @@ void expand_add_avx512(at::Tensor& y, const at::Tensor& h, const at::Tensor& np,
 // Self-contained, not inlined, unmasked loads and a scalar tail, on purpose: with masked loads in the loop (or the
 // accumulators passed in by reference, or a per-row branch) GCC kept the accumulators in memory and stored all
 // TT·NB of them every step.
-// Horizontal sum of 16 lanes (a tree, as _mm512_reduce_add_ps; GCC's version of that made the accumulators of
-// dot_sums live in memory).
-LOWRANK_AVX512 inline float hsum(__m512 v) {
-  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  b = _mm_add_ss(b, _mm_movehdup_ps(b));
-  return _mm_cvtss_f32(b);
-}
-
 template <int TT, int NB, bool kPrefetch>
 LOWRANK_AVX512 __attribute__((noinline)) void dot_sums(const c10::BFloat16* x, int64_t ldx,
                                                        const c10::BFloat16* w, int64_t ldw, int64_t K, int64_t nb,
@@ -224,15 +223,15 @@ void decode_dispatch(const at::Tensor& x2, const at::Tensor& w, const float* b, 
 // (g[t, n], g[t, n + 1]). The interleave permutes columns within 128-bit lanes (acc0 lane 4L + q holds column
 // 8L + q, acc1 column 8L + 4 + q); the partial sums are kept in that order in the fp32 output and put back in
 // column order by one pass at the end. Each row piece of the block kPrefetchBlocks ahead is prefetched: a panel
-// has 64 row streams, more than the hardware prefetcher follows.
+// has kPanelRows row streams, more than the hardware prefetcher follows.
 constexpr int64_t kPanelRows = 128;
 constexpr int64_t kPrefetchBlocks = 4;
 
 template <int TT, bool kTail>
 LOWRANK_AVX512 __attribute__((noinline)) void nn_block(const c10::BFloat16* g, int64_t ldg,
                                                        const c10::BFloat16* w, int64_t ldw, int64_t n0,
-                                                       int64_t n1, int64_t c, int64_t cols, int64_t N,
-                                                       float* out, int64_t ldo, bool first) {
+                                                       int64_t n1, int64_t c, int64_t cols, float* out,
+                                                       int64_t ldo, bool first) {
   __m512 acc[TT][2];
   if (first) {
     for (int t = 0; t < TT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
@@ -275,7 +274,6 @@ LOWRANK_AVX512 __attribute__((noinline)) void nn_block(const c10::BFloat16* g, i
       acc[t][1] = _mm512_dpbf16_ps(acc[t][1], (__m512bh)hi, (__m512bh)gv);
     }
   }
-  (void)N;
   for (int t = 0; t < TT; ++t) {
     _mm512_storeu_ps(out + t * ldo + c, acc[t][0]);
     _mm512_storeu_ps(out + t * ldo + c + 16, acc[t][1]);
@@ -305,9 +303,9 @@ void decode_nn_impl(const at::Tensor& g2, const at::Tensor& w, at::Tensor& out) 
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c = b * 32;
         if (c + 32 <= Cfull)
-          nn_block<TT, false>(Gp, ldg, Wp, ldw, n0, n1, c, 32, N, O, ldo, n0 == 0);
+          nn_block<TT, false>(Gp, ldg, Wp, ldw, n0, n1, c, 32, O, ldo, n0 == 0);
         else
-          nn_block<TT, true>(Gp, ldg, Wp, ldw, n0, n1, c, C - c, N, O, ldo, n0 == 0);
+          nn_block<TT, true>(Gp, ldg, Wp, ldw, n0, n1, c, C - c, O, ldo, n0 == 0);
       }
     }
     for (int64_t b = b0; b < b1; ++b)
@@ -363,6 +361,8 @@ void expand_add_out(at::Tensor& y, const at::Tensor& src, const at::Tensor& h, c
   }
 #endif
 }
+
+int64_t fused_decode_max_tokens() { return has_amx_bf16() ? 4 : 8; }
 
 bool decode_supported(const at::Tensor& x2, const at::Tensor& w) {
   return has_avx512_bf16() && x2.scalar_type() == at::kBFloat16 && x2.size(0) >= 1 &&

@@ -52,21 +52,29 @@ void expand_add_out(at::Tensor& y, const at::Tensor& src, const at::Tensor& h, c
 // and oneDNN adds ~130 µs of fixed cost per small call; with three calls (x·Aᵀ, base, B-term) that was 15–20%
 // of a 1×4096×4096 layer. Uses AVX512-BF16 dot products (fp32 accumulation) over NB output rows × T tokens held
 // in registers (NB = 3–6, T·NB ≤ 24 accumulators), prefetching the next block of W rows. Each block of NB rows
-// re-reads all of x (from L1/L2), T·K·N/NB bytes in all; the caller decides up to how many tokens the fused pass
-// pays (cpu/lora_linear.cpp: 4 with AMX, 8 without); up to 8 tokens it is the cheapest way to form the shrink.
+// re-reads all of x (from L1/L2), T·K·N/NB bytes in all; up to how many tokens the fused pass pays for a whole
+// layer: fused_decode_max_tokens(); up to 8 tokens it is the cheapest way to form the rank-r shrink.
 // Requirements (checked by decode_supported): bf16, 1 ≤ T ≤ 8, unit column strides. Not bit-identical to
 // F.linear (another summation order); within the reference's error.
 bool decode_supported(const at::Tensor& x2, const at::Tensor& w);
+// Up to how many tokens a whole bf16 layer should take the fused decode pass rather than a oneDNN GEMM (the rule
+// lora_linear, multi_lora_linear and rank1_experts_lora share). Measured, bf16 4096²: on an Intel Xeon with AMX
+// (before the pass prefetched W) it stopped paying past 4 tokens (1.20× F.linear at 8), and there the AMX skinny
+// kernel takes 4–16 tokens of a packed layer; on an AMD EPYC Zen 4 (AVX512-BF16, no AMX), with the prefetch, the
+// pass runs 8 tokens in ~0.6–0.8× F.linear's time (oneDNN's small-M bf16 GEMM does not reach the memory floor
+// there). Hence 4 with AMX, 8 without.
+int64_t fused_decode_max_tokens();
 at::Tensor decode_linear_bf16(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& v,
                               at::ScalarType out_dtype);
 
 // Few tokens, bf16: out = g·W [T, C] in fp32, g [T, N], W [N, C] (any row stride, unit column stride), for
-// 1 ≤ T ≤ 8. The backward's dx = g·W at decode sizes: oneDNN's bf16 GEMM of that form (the weight not transposed)
-// ran 8×4096² in 3.0–4.2 ms on an AMD EPYC Zen 4, 2.4–3.3× its memory floor (1.26 ms); this is one pass over W (panels of rows, each
-// row read in 64-byte pieces per 32-column block, 2·T accumulators), sums in fp32: 1.8–2.2 ms there, 0.53–0.6×
-// the GEMM in the same runs (panels of 32–128 rows, prefetch 2–8 blocks ahead all within that noise). With the joint [W | B] view
-// the last r columns are g·B, the shrink of g, in the same pass. Requirements: decode_nn_supported.
+// 1 ≤ T ≤ 8. The backward's dx = g·W at decode sizes: oneDNN's bf16 GEMM of that form (the weight not
+// transposed) ran 8×4096² in 3.0–4.2 ms on an AMD EPYC Zen 4, 2.4–3.3× its memory floor (1.26 ms); this is one
+// pass over W (panels of rows, each row read in 64-byte pieces per 32-column block, 2·T accumulators), sums in
+// fp32: 1.8–2.2 ms there, 0.53–0.6× the GEMM in the same runs (panels of 32–128 rows, prefetch 2–8 blocks ahead
+// all within that noise). With the joint [W | B] view the last r columns are g·B, the shrink of g, in the same
+// pass. Requirements: decode_nn_supported.
 bool decode_nn_supported(const at::Tensor& g2, const at::Tensor& w);
 at::Tensor decode_nn_bf16(const at::Tensor& g2, const at::Tensor& w);
 

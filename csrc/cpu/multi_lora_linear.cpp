@@ -33,15 +33,11 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Up to this many bf16 tokens the base layer is the fused AVX512-BF16 decode pass (one read of W): 4 on CPUs with
-// AMX (measured there before the pass prefetched W), 8 without (cpu/lora_linear.cpp: on an AMD EPYC Zen 4 the pass
-// runs 8×4096² in ~0.6–0.8× the time of oneDNN's small-M bf16 GEMM).
-int64_t decode_max_t() { return cpu::has_amx_bf16() ? 4 : 8; }
-
 at::Tensor base_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const int64_t T = x2.size(0);
   const auto dtype = x2.scalar_type();
-  if (cpu::has_avx512_bf16() && dtype == at::kBFloat16 && T <= decode_max_t() && cpu::decode_supported(x2, weight))
+  if (cpu::has_avx512_bf16() && dtype == at::kBFloat16 && T <= cpu::fused_decode_max_tokens() &&
+      cpu::decode_supported(x2, weight))
     return cpu::decode_linear_bf16(x2, weight, bias, std::nullopt, std::nullopt, at::kBFloat16);
   const bool onednn = cpu::onednn_linear_op() != nullptr && cpu::has_avx512_bf16() && weight.is_contiguous() && T > 0 &&
                       (dtype == at::kBFloat16 ||

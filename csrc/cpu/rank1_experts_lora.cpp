@@ -316,11 +316,9 @@ void expand_sparse_(at::Tensor& y, const at::Tensor& idx, const at::Tensor& u, c
 // at 2048×768×3072, 1.04 / 1.17 at 512×4096×4096; at 8×4096×4096 1.40 / 1.26, yet the packed module's strided W
 // block made the unpacked path slower still (ATen's addmm instead of oneDNN): 1.88. So packed layers take the
 // fused GEMM from kFusedMinT tokens on, and up to kDecodeMaxT tokens the one-pass decode kernel (bias + x·Wᵀ +
-// U·Bᵀ over W and B in place, cpu::decode_linear_bf16), whatever the layout. Without AMX the decode pass takes up
-// to 8 tokens (as in cpu/lora_linear.cpp: with its prefetch it runs 8×4096² in ~0.6–0.8× oneDNN's small-M GEMM
-// time on an AMD EPYC Zen 4), and the fused GEMM the rest.
+// U·Bᵀ over W and B in place, cpu::decode_linear_bf16), whatever the layout, up to cpu::fused_decode_max_tokens()
+// (8 without AMX), and the fused GEMM the rest.
 constexpr int64_t kFusedMinT = 5;
-int64_t decode_max_t() { return cpu::has_amx_bf16() ? 4 : 8; }
 
 bool fused_supported(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& lora_b) {
   return x2.size(0) >= kFusedMinT && x2.scalar_type() == at::kBFloat16 && x2.stride(1) == 1 &&
@@ -370,7 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
   });
   at::Tensor y;
   const at::Tensor wj = fused_supported(x2, weight, lora_b) ? cpu::joint_weight(weight, lora_b) : at::Tensor();
-  if (T > 0 && T <= decode_max_t() && cpu::decode_supported(x2, weight) && lora_b.stride(1) == 1) {
+  if (T > 0 && T <= cpu::fused_decode_max_tokens() && cpu::decode_supported(x2, weight) &&
+      lora_b.stride(1) == 1) {
     at::Tensor ud = at::zeros({T, E}, u.options());
     ud.scatter_(1, idx, u);
     y = cpu::decode_linear_bf16(x2, weight, bias, ud.to(at::kBFloat16), lora_b, at::kBFloat16);
