@@ -108,6 +108,8 @@ def header(data: dict) -> str:
              f"{mi.get('torch_num_threads', '?')} threads",
              f"CPU {cpu} ({mi.get('torch_cpu_capability', '?')})",
              f"python {mi.get('python_version', '?')}"]
+    if mi.get("malloc"):
+        parts.append(f"malloc {mi['malloc']}")
     if ci.get("id"):
         parts.append(f"commit {ci['id'][:10]}{' (dirty)' if ci.get('dirty') else ''}")
     return "; ".join(parts)

@@ -5,7 +5,9 @@
 // cpu::joint_weight): on AVX512-BF16/AMX CPUs the bf16 layer is x'·[W | B]ᵀ with x' = [x | s·x·Aᵀ], one oneDNN
 // GEMM (≥ 17 tokens) or one AMX pass over the weights (4–16 tokens). bf16 backward on AMX (any layout): past 16
 // tokens the GEMM g·W writes dx and one fused pass over token panels forms gB, h, dA, dB and dx += gB·A
-// (cpu/rank_amx.cpp); up to 16 tokens g·[W | B] is one tile pass over the weights. Unpacked layouts, fp32, fp64:
+// (cpu/rank_amx.cpp); up to 16 tokens g·[W | B] is one tile pass over the weights. bf16 backward with AVX512-BF16
+// but no AMX: up to 8 tokens g·[W | B] (or g·W) is one pass over the weights (cpu::decode_nn_bf16); past that the
+// GEMM g·W, then the same fused tail on AVX512-BF16 dot products (cpu/rank_avx512.cpp). Unpacked layouts, fp32, fp64:
 // Order of work in the forward, and why: the base GEMM writes a fresh output once with the bias in its epilogue
 // (oneDNN where that is measured faster, else F.linear's addmm), h = s·x·Aᵀ is one skinny GEMM that reads x
 // once, and s·h·Bᵀ is then added in a single register-tiled pass over the output (cpu/lowrank_kernels.h). With
@@ -180,6 +182,18 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
       cpu::expand_add_out(acc, d.narrow(1, 0, in), gb, lora_a, std::nullopt);
       dx = acc.to(dtype).view(x.sizes());
     }
+  }
+  if (!dx.has_value() && dtype == at::kBFloat16 && cpu::rank_avx512_supported(g2, lora_b) &&
+      cpu::rank_avx512_supported(x2, lora_a)) {
+    // bf16 without AMX, past the few-token pass: the base GEMM g·W writes dx, then the rank-r products (dx += gB·A,
+    // dA, dB) are one fused AVX512-BF16 pass over token panels (cpu/rank_avx512.cpp) instead of five oneDNN calls.
+    at::Tensor base, dat, dbt;
+    if (output_mask[0]) base = at::mm(g2, weight).contiguous();
+    cpu::lora_backward_tail_avx512(output_mask[0] ? &base : nullptr, x2, g2, lora_a, lora_b, scaling,
+                                   output_mask[2] ? &dat : nullptr, output_mask[3] ? &dbt : nullptr);
+    if (output_mask[1]) dw = at::mm(g2.t(), x2);
+    return {output_mask[0] ? OptTensor(base.view(x.sizes())) : OptTensor(), dw,
+            output_mask[2] ? OptTensor(dat) : OptTensor(), output_mask[3] ? OptTensor(dbt) : OptTensor()};
   }
   if (!gb.defined() && (output_mask[0] || output_mask[2])) gb = cpu::shrink(g2, lora_b.t(), scaling);
   if (output_mask[0] && !dx.has_value()) {

@@ -119,4 +119,11 @@ at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale);
 void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
                             const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
 
+// The same tail, same contract, on AVX512-BF16 without tiles (cpu/rank_avx512.cpp), for CPUs without AMX:
+// one parallel pass over token panels instead of five oneDNN calls. rank_avx512_supported: the CPU has
+// AVX512-BF16, both operands bf16 2-D with unit column stride.
+bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m);
+void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
+
 }  // namespace lowrank::cpu

@@ -1,0 +1,370 @@
+// The LoRA backward after its one big GEMM, fused, on AVX512-BF16 without AMX (contract in lowrank_kernels.h,
+// next to its tile twin lora_backward_tail_amx in cpu/rank_amx.cpp).
+//
+// Why: after dx = g·W the rest of a bf16 LoRA backward is five rank-r products (gB = s·g·B, h = s·x·Aᵀ,
+// dx += gB·A, dA = gBᵀ·x, dB = gᵀ·h), 5·T·r·(K + N) multiply-adds in all, ~5% of the base GEMMs' work at r = 16.
+// As five oneDNN calls on a 2-core AMD EPYC (Zen 4) they took 0.5–0.7 ms each right after the big GEMM (0.18–0.35
+// ms each timed alone: x and g come back from memory for every call, and each call wakes the OpenMP workers),
+// ~3 ms next to a 6.5 ms dx GEMM at 2048×768×768. Here they are one parallel region over 128-token panels: each
+// panel of x, g and dx is read from memory once and used by every product while it sits in L2. Measured there:
+// 1.0–1.4 ms after the GEMM, 0.8 ms with warm caches, against a floor of ~0.5 ms of memory traffic (x and g read,
+// dx read and written: 12 MB) and ~0.6 ms of VDPBF16PS at one per cycle on two cores, which overlap only partly
+// (prefetching the next panel changed nothing).
+//
+// Every product is VDPBF16PS (pairs of bf16, fp32 sums), in three shapes:
+//   shrink (gB, h): a token's bf16 pair broadcast against 16 ranks of the packed factor, 8 tokens in flight;
+//   reduction over tokens (dA, dB): rows t and t+1 of x (or g) interleaved into pairs by VPUNPCK{L,H}WD (which
+//     permutes columns within 128-bit lanes; the accumulators keep that order and it is undone once, when they
+//     are written out), times the broadcast pair (gB[t,k], gB[t+1,k]), 8 ranks × 32 columns in 16 registers
+//     for a whole panel;
+//   expand (dx += gB·A): a token's pair (gB[t,k], gB[t,k+1]) broadcast against A packed as rank pairs.
+// gB and h are rounded to bf16 before use, as an unfused bf16 layer holds them.
+#include "cpu/lowrank_kernels.h"
+#include "cpu/isa.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
+#define LOWRANK_HAVE_RANK_AVX512 1
+#define LOWRANK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#else
+#define LOWRANK_HAVE_RANK_AVX512 0
+#endif
+
+namespace lowrank::cpu {
+namespace {
+
+using bf16 = c10::BFloat16;
+
+// Tokens per panel: x, g and dx rows of a panel (128 × (2K + N) bf16) stay in a 1 MB L2 up to K, N ≈ 1300; fewer
+// for longer rows. Even, so that token pairs never straddle panels.
+constexpr int64_t kPanel = 128;
+constexpr int64_t kPanelBytes = int64_t{3} << 18;  // 768 KB
+constexpr int64_t kRanksPerReduce = 8;             // 8 ranks × 2 halves of 32 columns: 16 accumulators
+constexpr int64_t kShrinkTokens = 8;               // 8 independent accumulators cover the VDPBF16PS latency
+
+int64_t panel_tokens(int64_t K, int64_t N) {
+  const int64_t fit = kPanelBytes / ((2 * K + N) * static_cast<int64_t>(sizeof(bf16)));
+  return std::clamp<int64_t>(fit / 16 * 16, 16, kPanel);
+}
+
+#if LOWRANK_HAVE_RANK_AVX512
+
+// M [r, K] (any strides) → [G][P][16][2] bf16, G = ⌈r/16⌉, P = ⌈K/2⌉, zero padded: lane j of pair p holds
+// (M[16g + j, 2p], M[16g + j, 2p + 1]), the operand of the shrink.
+at::Tensor pack_shrink(const at::Tensor& m) {
+  const int64_t r = m.size(0), K = m.size(1), G = (r + 15) / 16, P = (K + 1) / 2;
+  at::Tensor out = at::zeros({G, P, 16, 2}, m.options());
+  const bf16* M = m.const_data_ptr<bf16>();
+  bf16* O = out.mutable_data_ptr<bf16>();
+  const int64_t s0 = m.stride(0), s1 = m.stride(1);
+  for (int64_t j = 0; j < r; ++j) {
+    bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
+    for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
+  }
+  return out;
+}
+
+// A [r, K] → [Rh][Kp][2] bf16, Rh = Rp / 2 rank pairs (Rp = 16·G), Kp = K rounded up to 32, zero padded: the pair
+// (A[2q, i], A[2q + 1, i]) at [q][i], the operand of the expand.
+at::Tensor pack_expand(const at::Tensor& a, int64_t Rp) {
+  const int64_t r = a.size(0), K = a.size(1), Kp = (K + 31) / 32 * 32;
+  at::Tensor out = at::zeros({Rp / 2, Kp, 2}, a.options());
+  const bf16* A = a.const_data_ptr<bf16>();
+  bf16* O = out.mutable_data_ptr<bf16>();
+  const int64_t s0 = a.stride(0), s1 = a.stride(1);
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t i = 0; i < K; ++i) O[((k / 2) * Kp + i) * 2 + (k % 2)] = A[k * s0 + i * s1];
+  return out;
+}
+
+inline int32_t load_pair(const bf16* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// out[t][0:16] = Σ_p Z[t][2p : 2p + 2] · MP[p] for NT token rows of Z (row stride ldz, K columns) and one group of
+// 16 ranks of the packed factor (MP: [⌈K/2⌉][32]). Self-contained and not inlined: GCC keeps the accumulators in
+// registers only when the loop has no masked loads and nothing else in the function competes for them.
+template <int NT>
+LOWRANK_AVX512_BF16 __attribute__((noinline)) void shrink_tile(const bf16* z, int64_t ldz, int64_t K,
+                                                               const bf16* mp, float* out) {
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const int64_t Pfull = K / 2;
+  for (int64_t p = 0; p < Pfull; ++p) {
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(mp + p * 32);
+    for (int t = 0; t < NT; ++t)
+      acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32(load_pair(z + t * ldz + 2 * p)), b);
+  }
+  if (K % 2) {  // the last element pairs with the zero padding of MP
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(mp + Pfull * 32);
+    for (int t = 0; t < NT; ++t) {
+      uint16_t last;
+      std::memcpy(&last, z + t * ldz + K - 1, sizeof(last));
+      acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)_mm512_set1_epi32(last), b);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+// acc[k][h][·] += Σ_p pair(mt[k·ldm + p]) · interleave(Z[2p][32 columns], Z[2p + 1][32 columns]) for the 8 ranks
+// k of this call: h = 0 the VPUNPCKLWD half, h = 1 the VPUNPCKHWD half (lane 4L + j ↔ column 8L + 4h + j). The
+// 16 sums stay in registers for the whole panel; acc (rank stride lda floats) is read and written once.
+LOWRANK_AVX512_BF16 __attribute__((noinline)) void reduce_block(const bf16* z, int64_t ldz, int64_t npairs,
+                                                                const int32_t* mt, int64_t ldm, float* acc,
+                                                                int64_t lda) {
+  __m512 s[kRanksPerReduce][2];
+  for (int k = 0; k < kRanksPerReduce; ++k) s[k][0] = s[k][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npairs; ++p) {
+    const __m512i r0 = _mm512_loadu_si512(z + 2 * p * ldz);
+    const __m512i r1 = _mm512_loadu_si512(z + (2 * p + 1) * ldz);
+    const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+    const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+    for (int k = 0; k < kRanksPerReduce; ++k) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(mt[k * ldm + p]);
+      s[k][0] = _mm512_dpbf16_ps(s[k][0], w, lo);
+      s[k][1] = _mm512_dpbf16_ps(s[k][1], w, hi);
+    }
+  }
+  for (int k = 0; k < kRanksPerReduce; ++k)
+    for (int h = 0; h < 2; ++h) {
+      float* dst = acc + k * lda + 16 * h;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), s[k][h]));
+    }
+}
+
+// out[t][0:32] = Σ_q pair(gb[t][2q : 2q + 2]) · AE[q][32 columns] for NT token rows of gB (bf16, row stride ldg,
+// Rh rank pairs), AE the expand pack at this 32-column block (pair-row stride lde elements).
+template <int NT>
+LOWRANK_AVX512_BF16 __attribute__((noinline)) void expand_tile(const bf16* gb, int64_t ldg, int64_t Rh,
+                                                               const bf16* ae, int64_t lde, float* out) {
+  __m512 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < Rh; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(ae + q * lde);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(ae + q * lde + 32);
+    for (int t = 0; t < NT; ++t) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(load_pair(gb + t * ldg + 2 * q));
+      acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w, b0);
+      acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w, b1);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    _mm512_storeu_ps(out + 32 * t, acc[t][0]);
+    _mm512_storeu_ps(out + 32 * t + 16, acc[t][1]);
+  }
+}
+
+template <typename F>
+void dispatch_tokens(int n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+struct Tail {
+  const bf16* x;  // [T, K] (row stride ldx)
+  int64_t ldx;
+  const bf16* g;  // [T, N] (row stride ldg)
+  int64_t ldg;
+  int64_t T, K, N, G, Rp;
+  int64_t panel;
+  const bf16* a_shrink;  // pack_shrink(A)
+  const bf16* b_shrink;  // pack_shrink(Bᵀ)
+  const bf16* a_expand;  // pack_expand(A, Rp)
+  float s;
+  bf16* dx;  // [T, K] contiguous holding g·W, or null
+  bool want_gb, want_da, want_db;
+};
+
+// Per-thread scratch.
+struct Scratch {
+  std::vector<float> out;      // [8][32] fp32: one shrink or expand tile
+  std::vector<bf16> gbrow;     // [panel][Rp]: gB rows (the expand's broadcast pairs)
+  std::vector<uint16_t> gbt;   // [Rp][panel]: gBᵀ, token pairs adjacent (dA's broadcast pairs)
+  std::vector<uint16_t> ht;    // [Rp][panel]: hᵀ (dB's)
+  std::vector<bf16> zs;        // [panel][32]: the last, partial 32-column block of a panel, zero padded
+  std::vector<bf16> odd;       // [2][Cp]: the odd last row of the last panel and a zero row
+};
+
+// s·Z·Mᵀ for the panel's rows (rounded to bf16) → rows (optional, [rows][Rp]) and transposed pairs ([Rp][panel]).
+LOWRANK_AVX512_BF16 void shrink_panel(const Tail& a, const bf16* z, int64_t ldz, int64_t Kz, const bf16* mp,
+                                      int64_t rows, bf16* rows_out, uint16_t* tr_out, float* out) {
+  const int64_t P = (Kz + 1) / 2;
+  const __m512 sv = _mm512_set1_ps(a.s);
+  for (int64_t t0 = 0; t0 < rows; t0 += kShrinkTokens) {
+    const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t0));
+    for (int64_t g = 0; g < a.G; ++g) {
+      dispatch_tokens(nt, [&](auto n) { shrink_tile<decltype(n)::value>(z + t0 * ldz, ldz, Kz, mp + g * P * 32, out); });
+      alignas(64) uint16_t v[16];
+      for (int t = 0; t < nt; ++t) {
+        const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(out + 16 * t), sv));
+        if (rows_out) _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows_out + (t0 + t) * a.Rp + 16 * g), b);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(v), b);
+        for (int j = 0; j < 16; ++j) tr_out[(16 * g + j) * a.panel + t0 + t] = v[j];
+      }
+    }
+  }
+}
+
+// acc[Rp][nb][2][16] += Mᵀ·Z over the panel's rows (Z: [rows, C], row stride ldz; mt: [Rp][panel] bf16 with token
+// pairs adjacent, zero past rows).
+LOWRANK_AVX512_BF16 void reduce_panel(const bf16* z, int64_t ldz, int64_t rows, int64_t C, const uint16_t* mt,
+                                      int64_t panel, int64_t Rp, float* acc, Scratch& sc) {
+  const int64_t nb = (C + 31) / 32, full = C / 32, pairs = rows / 2, ldm = panel / 2;
+  const int64_t lda = nb * 32;
+  auto ranks = [&](const bf16* zz, int64_t ld, int64_t np, int64_t p0, int64_t blk) {
+    for (int64_t k0 = 0; k0 < Rp; k0 += kRanksPerReduce)
+      reduce_block(zz, ld, np, reinterpret_cast<const int32_t*>(mt + k0 * panel) + p0, ldm,
+                   acc + k0 * lda + blk * 32, lda);
+  };
+  for (int64_t blk = 0; blk < full; ++blk) ranks(z + blk * 32, ldz, pairs, 0, blk);
+  if (full < nb && pairs > 0) {
+    const int64_t w = C - full * 32;
+    std::fill(sc.zs.begin(), sc.zs.end(), bf16(0.f));
+    for (int64_t t = 0; t < 2 * pairs; ++t) std::memcpy(sc.zs.data() + t * 32, z + t * ldz + full * 32, w * sizeof(bf16));
+    ranks(sc.zs.data(), 32, pairs, 0, full);
+  }
+  if (rows % 2) {  // the odd last token: its row and a zero row as one pair
+    const int64_t Cp = nb * 32;
+    std::fill(sc.odd.begin(), sc.odd.begin() + 2 * Cp, bf16(0.f));
+    std::memcpy(sc.odd.data(), z + (rows - 1) * ldz, C * sizeof(bf16));
+    for (int64_t blk = 0; blk < nb; ++blk) ranks(sc.odd.data() + blk * 32, Cp, 1, pairs, blk);
+  }
+}
+
+// dx rows [t0, t0 + rows) += gB·A, rounded once to bf16. Token blocks outside, columns inside: dx comes from the
+// GEMM's streaming stores (not in cache), and eight rows read front to back are streams the prefetcher follows;
+// walking a column block down the rows instead missed on every row (measured: 0.3 ms of 0.4 at 2048×768).
+LOWRANK_AVX512_BF16 void expand_panel(const Tail& a, int64_t t0, int64_t rows, const bf16* gbrow, float* out) {
+  const int64_t Kp = (a.K + 31) / 32 * 32, Rh = a.Rp / 2;
+  for (int64_t t = 0; t < rows; t += kShrinkTokens) {
+    const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
+    for (int64_t c0 = 0; c0 < a.K; c0 += 32) {
+      const int64_t w = std::min<int64_t>(32, a.K - c0);
+      const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+      const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
+      dispatch_tokens(nt, [&](auto n) {
+        expand_tile<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, Rh, a.a_expand + c0 * 2, Kp * 2, out);
+      });
+      for (int j = 0; j < nt; ++j) {
+        bf16* d = a.dx + (t0 + t + j) * a.K + c0;
+        const __m512 d0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, d)), 16));
+        const __m512 d1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, d + 16)), 16));
+        _mm256_mask_storeu_epi16(d, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d0, _mm512_loadu_ps(out + 32 * j))));
+        _mm256_mask_storeu_epi16(d + 16, m1,
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d1, _mm512_loadu_ps(out + 32 * j + 16))));
+      }
+    }
+  }
+}
+
+LOWRANK_AVX512_BF16 void tail_panel(const Tail& a, int64_t t0, float* acc_a, float* acc_b, Scratch& sc) {
+  const int64_t rows = std::min<int64_t>(a.panel, a.T - t0);
+  if (rows % 2) {  // pairs (rows - 1, rows): the second is not a token
+    for (int64_t k = 0; k < a.Rp; ++k) sc.gbt[k * a.panel + rows] = sc.ht[k * a.panel + rows] = 0;
+  }
+  if (a.want_gb)
+    shrink_panel(a, a.g + t0 * a.ldg, a.ldg, a.N, a.b_shrink, rows, reinterpret_cast<bf16*>(sc.gbrow.data()),
+                 sc.gbt.data(), sc.out.data());
+  if (a.want_db) {
+    shrink_panel(a, a.x + t0 * a.ldx, a.ldx, a.K, a.a_shrink, rows, nullptr, sc.ht.data(), sc.out.data());
+    reduce_panel(a.g + t0 * a.ldg, a.ldg, rows, a.N, sc.ht.data(), a.panel, a.Rp, acc_b, sc);
+  }
+  if (a.want_da) reduce_panel(a.x + t0 * a.ldx, a.ldx, rows, a.K, sc.gbt.data(), a.panel, a.Rp, acc_a, sc);
+  if (a.dx != nullptr) expand_panel(a, t0, rows, sc.gbrow.data(), sc.out.data());
+}
+
+// Σ over threads of the accumulators ([Rp][nb][2][16] fp32, `per` floats each), the lane order undone, rounded to
+// bf16 into O[j·sj + i·si] for j < r, i < cols.
+void gather(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, int64_t nb, bf16* O, int64_t sj,
+            int64_t si) {
+  std::vector<float> row(nb * 32);
+  for (int64_t j = 0; j < r; ++j) {
+    std::fill(row.begin(), row.end(), 0.f);
+    for (int64_t t = 0; t < nt; ++t) {
+      const float* src = S + t * per + j * nb * 32;
+      for (int64_t blk = 0; blk < nb; ++blk)
+        for (int64_t h = 0; h < 2; ++h)
+          for (int64_t q = 0; q < 16; ++q) row[blk * 32 + 8 * (q / 4) + 4 * h + q % 4] += src[blk * 32 + 16 * h + q];
+    }
+    for (int64_t i = 0; i < cols; ++i) O[j * sj + i * si] = bf16(row[i]);
+  }
+}
+#endif  // LOWRANK_HAVE_RANK_AVX512
+
+}  // namespace
+
+bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m) {
+  return has_avx512_bf16() && z.scalar_type() == at::kBFloat16 && m.scalar_type() == at::kBFloat16 &&
+         z.dim() == 2 && m.dim() == 2 && z.stride(1) == 1 && z.size(0) >= 1 && z.size(1) >= 1 && m.size(0) >= 1 &&
+         m.size(1) >= 1;
+}
+
+void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
+  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
+  TORCH_CHECK(rank_avx512_supported(x2, lora_a) && rank_avx512_supported(g2, lora_b) && g2.size(0) == T &&
+                  lora_a.size(1) == K && lora_b.size(0) == N && lora_b.size(1) == r &&
+                  (dx == nullptr || (dx->scalar_type() == at::kBFloat16 && dx->is_contiguous() &&
+                                     dx->sizes() == x2.sizes())),
+              "lora_backward_tail_avx512: unsupported arguments");
+  const int64_t G = (r + 15) / 16, Rp = 16 * G;
+  const int64_t nbx = (K + 31) / 32, nbn = (N + 31) / 32;
+  const int nthreads = std::max(1, at::get_num_threads());
+  at::Tensor acc_a = da ? at::zeros({nthreads, Rp * nbx * 32}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor acc_b = db ? at::zeros({nthreads, Rp * nbn * 32}, x2.options().dtype(at::kFloat)) : at::Tensor();
+#if LOWRANK_HAVE_RANK_AVX512
+  const int64_t pt = panel_tokens(K, N), npanel = (T + pt - 1) / pt;
+  const bool want_gb = dx != nullptr || da != nullptr;
+  const at::Tensor a_shrink = pack_shrink(lora_a);
+  const at::Tensor b_shrink = want_gb ? pack_shrink(lora_b.t()) : a_shrink;
+  const at::Tensor a_expand = dx ? pack_expand(lora_a, Rp) : a_shrink;
+  const Tail a{x2.const_data_ptr<bf16>(), x2.stride(0), g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, G, Rp, pt,
+               a_shrink.const_data_ptr<bf16>(), b_shrink.const_data_ptr<bf16>(), a_expand.const_data_ptr<bf16>(),
+               static_cast<float>(scale), dx ? dx->mutable_data_ptr<bf16>() : nullptr, want_gb, da != nullptr,
+               db != nullptr};
+  const int64_t Cp = std::max(nbx, nbn) * 32;
+  at::parallel_for(0, npanel, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = std::min(at::get_thread_num(), nthreads - 1);
+    Scratch sc{std::vector<float>(8 * 32), std::vector<bf16>(pt * Rp), std::vector<uint16_t>(Rp * pt, 0),
+               std::vector<uint16_t>(Rp * pt, 0), std::vector<bf16>(pt * 32), std::vector<bf16>(2 * Cp)};
+    float* pa = da ? acc_a.mutable_data_ptr<float>() + tid * acc_a.size(1) : nullptr;
+    float* pb = db ? acc_b.mutable_data_ptr<float>() + tid * acc_b.size(1) : nullptr;
+    for (int64_t b = b0; b < b1; ++b) tail_panel(a, b * pt, pa, pb, sc);
+  });
+#endif
+  // dA [r, K] (out[j, i]) or dB [N, r] (out[i, j]); a tensor defined on entry is written in place.
+  auto write = [&](const at::Tensor& acc, int64_t cols, int64_t nb, at::Tensor* out, bool transposed) {
+    const auto shape = transposed ? std::vector<int64_t>{cols, r} : std::vector<int64_t>{r, cols};
+    if (!out->defined()) *out = at::empty(shape, x2.options());
+    TORCH_CHECK(out->scalar_type() == at::kBFloat16 && out->sizes() == at::IntArrayRef(shape),
+                "lora_backward_tail_avx512: bad output");
+    const int64_t sj = transposed ? out->stride(1) : out->stride(0), si = transposed ? out->stride(0) : out->stride(1);
+#if LOWRANK_HAVE_RANK_AVX512
+    gather(acc.const_data_ptr<float>(), acc.size(0), acc.size(1), r, cols, nb, out->mutable_data_ptr<bf16>(), sj, si);
+#endif
+  };
+  if (da) write(acc_a, K, nbx, da, false);
+  if (db) write(acc_b, N, nbn, db, true);
+}
+
+}  // namespace lowrank::cpu
