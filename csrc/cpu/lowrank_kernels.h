@@ -123,6 +123,9 @@ void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tens
 // one parallel pass over token panels instead of five oneDNN calls. rank_avx512_supported: the CPU has
 // AVX512-BF16, both operands bf16 2-D with unit column stride.
 bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m);
+// s·Z·Mᵀ [T, r] fp32 from bf16 Z [T, K] (unit column stride) and M [r, K] (any strides): the tail's broadcast
+// shrink (8 tokens × 16 ranks of VDPBF16PS accumulators), for CPUs without AMX.
+at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale);
 void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
                                const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
 

@@ -313,6 +313,35 @@ void gather(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, in
 
 }  // namespace
 
+at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale) {
+  TORCH_CHECK(rank_avx512_supported(z, m) && m.size(1) == z.size(1), "shrink_avx512: unsupported arguments");
+  const int64_t T = z.size(0), K = z.size(1), r = m.size(0);
+  at::Tensor h = at::empty({T, r}, z.options().dtype(at::kFloat));
+#if LOWRANK_HAVE_RANK_AVX512
+  const at::Tensor mp = pack_shrink(m);
+  const int64_t G = mp.size(0), P = mp.size(1), ldz = z.stride(0);
+  const bf16* Z = z.const_data_ptr<bf16>();
+  const bf16* MP = mp.const_data_ptr<bf16>();
+  float* H = h.mutable_data_ptr<float>();
+  const auto s = static_cast<float>(scale);
+  // 8-token blocks, every rank group of a block while its rows are in L1.
+  at::parallel_for(0, (T + kShrinkTokens - 1) / kShrinkTokens, 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[kShrinkTokens * 16];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * kShrinkTokens;
+      const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, T - t0));
+      for (int64_t g = 0; g < G; ++g) {
+        dispatch_tokens(nt, [&](auto n) { shrink_tile<decltype(n)::value>(Z + t0 * ldz, ldz, K, MP + g * P * 32, out); });
+        const int64_t cols = std::min<int64_t>(16, r - 16 * g);
+        for (int t = 0; t < nt; ++t)
+          for (int64_t j = 0; j < cols; ++j) H[(t0 + t) * r + 16 * g + j] = s * out[16 * t + j];
+      }
+    }
+  });
+#endif
+  return h;
+}
+
 bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m) {
   return has_avx512_bf16() && z.scalar_type() == at::kBFloat16 && m.scalar_type() == at::kBFloat16 &&
          z.dim() == 2 && m.dim() == 2 && z.stride(1) == 1 && z.size(0) >= 1 && z.size(1) >= 1 && m.size(0) >= 1 &&

@@ -353,7 +353,7 @@ from tests.conftest import assert_grads_match_oracle
 from tests.ops.test_rank1_experts_lora import check_forward, make_inputs
 torch.manual_seed(0)
 for gate in ("router", "self"):
-    for shape in [((40,), 100, 47, 16, 4), ((3,), 64, 20, 8, 8)]:
+    for shape in [((40,), 100, 47, 16, 4), ((3,), 64, 20, 8, 8), ((33,), 255, 17, 12, 3)]:
         lead, in_, out, E, k = shape
         args, kw = make_inputs(lead, in_, out, E, torch.bfloat16, gate)
         check_forward(args, kw, k, "cpp", scaling=0.5)
@@ -368,14 +368,17 @@ print("ok")
 """
 
 
-def test_bf16_without_amx_matches_reference():
-    """LOWRANK_MAX_CPU_ISA=avx512_bf16: bf16 scores through the widened fp32 GEMM and the ATen backward (CPUs without AMX)."""
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx2"])
+def test_bf16_without_amx_matches_reference(isa):
+    """LOWRANK_MAX_CPU_ISA=avx512_bf16: bf16 scores from the AVX512-BF16 broadcast-dot shrink (fp32 sums; odd in,
+    a partial group of 16 score rows) and the ATen backward, as CPUs without AMX run them; =avx2: the widened fp32
+    GEMM of CPUs without AVX512-BF16."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "LOWRANK_MAX_CPU_ISA": "avx512_bf16"}
+    env = {**os.environ, "LOWRANK_MAX_CPU_ISA": isa}
     out = subprocess.run([sys.executable, "-c", _NO_AMX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
