@@ -37,22 +37,6 @@ constexpr int64_t kRowsAvx = 8;   // rows per AVX-512 block: 8 independent accum
 
 #if LOWRANK_HAVE_AUGMENT_KERNELS
 
-// A [r, K] → [G][P][16][2] bf16 (G = ⌈r/16⌉ groups of 16 rows, P = ⌈K/2⌉ pairs, zero padded): lane j of pair p
-// holds (A[16g + j, 2p], A[16g + j, 2p + 1]). That is the VNNI layout of an AMX B tile (16 pairs × 16 columns)
-// and, read one pair row at a time, the operand of the AVX-512 broadcast kernel.
-at::Tensor pack_pairs(const at::Tensor& a) {
-  const int64_t r = a.size(0), K = a.size(1), G = (r + 15) / 16, P = (K + 1) / 2;
-  at::Tensor out = at::zeros({G, P, 16, 2}, a.options());
-  const bf16* A = a.const_data_ptr<bf16>();
-  bf16* O = out.mutable_data_ptr<bf16>();
-  const int64_t lda = a.stride(0);
-  for (int64_t j = 0; j < r; ++j) {
-    bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
-    for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = A[j * lda + k];
-  }
-  return out;
-}
-
 // 16 rows of x' (x in columns [0, K), column K zero when K is odd, row stride ldo): writes s·x·Aᵀ in bf16 to
 // columns [K, K + r). Tiles: 0 = C (16×16 fp32), 1/2 = a 32-wide k chunk of x and A, 3/4 = the k tail.
 LOWRANK_AMX_BF16 void amx_rows(bf16* xp, int64_t ldo, const bf16* ap, int64_t r, int64_t K, float s) {
@@ -166,7 +150,7 @@ at::Tensor augment_bf16(const at::Tensor& x2, const at::Tensor& a, double scale)
   const int64_t Tp = amx ? (T + rows - 1) / rows * rows : T;
   at::Tensor buf = at::empty({Tp, ldo}, x2.options());
   if (Tp > T) buf.narrow(0, T, Tp - T).zero_();
-  const at::Tensor ap = pack_pairs(a);
+  const at::Tensor ap = pack_pairs_bf16(a);
   const bf16* X = x2.const_data_ptr<bf16>();
   const bf16* AP = ap.const_data_ptr<bf16>();
   bf16* O = buf.mutable_data_ptr<bf16>();

@@ -132,17 +132,20 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
   OptTensor dx, dw, da, db;
   // (oneDNN runs the rank-r products, N = 16 / M = 16 GEMMs, at a few tens of GFLOP/s: hence the tiles.)
   const bool amx = dtype == at::kBFloat16 && cpu::rank_amx_supported(g2, lora_b) && cpu::rank_amx_supported(x2, lora_a);
-  if (amx && g2.size(0) > kSkinnyMaxT) {
-    // bf16 on AMX: the base GEMM g·W writes dx, then one fused pass over token panels adds gB·A into it and forms
-    // dA and dB (cpu/rank_amx.cpp).
+  // The base GEMM g·W writes dx, then one fused pass over token panels adds gB·A into it and forms dA and dB.
+  using Tail = void (*)(at::Tensor*, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        double, at::Tensor*, at::Tensor*);
+  auto fused_tail = [&](Tail tail) -> std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> {
     at::Tensor base, dat, dbt;
     if (output_mask[0]) base = at::mm(g2, weight).contiguous();
-    cpu::lora_backward_tail_amx(output_mask[0] ? &base : nullptr, x2, g2, lora_a, lora_b, scaling,
-                                output_mask[2] ? &dat : nullptr, output_mask[3] ? &dbt : nullptr);
-    if (output_mask[1]) dw = at::mm(g2.t(), x2);
-    return {output_mask[0] ? OptTensor(base.view(x.sizes())) : OptTensor(), dw,
+    tail(output_mask[0] ? &base : nullptr, x2, g2, lora_a, lora_b, scaling, output_mask[2] ? &dat : nullptr,
+         output_mask[3] ? &dbt : nullptr);
+    return {output_mask[0] ? OptTensor(base.view(x.sizes())) : OptTensor(),
+            output_mask[1] ? OptTensor(at::mm(g2.t(), x2)) : OptTensor(),
             output_mask[2] ? OptTensor(dat) : OptTensor(), output_mask[3] ? OptTensor(dbt) : OptTensor()};
-  }
+  };
+  // bf16 on AMX past 16 tokens: the tail on tiles (cpu/rank_amx.cpp).
+  if (amx && g2.size(0) > kSkinnyMaxT) return fused_tail(&cpu::lora_backward_tail_amx);
   if (amx) {
     // Up to 16 tokens the step is one pass over the weights: g·[W | B] (joint layout: the shrink of g comes with
     // it) or g·W on tiles as (gᵀ)ᵀ·W (oneDNN: ~2× longer); the rank-r products are separate small tile calls.
@@ -185,15 +188,9 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
   }
   if (!dx.has_value() && dtype == at::kBFloat16 && cpu::rank_avx512_supported(g2, lora_b) &&
       cpu::rank_avx512_supported(x2, lora_a)) {
-    // bf16 without AMX, past the few-token pass: the base GEMM g·W writes dx, then the rank-r products (dx += gB·A,
-    // dA, dB) are one fused AVX512-BF16 pass over token panels (cpu/rank_avx512.cpp) instead of five oneDNN calls.
-    at::Tensor base, dat, dbt;
-    if (output_mask[0]) base = at::mm(g2, weight).contiguous();
-    cpu::lora_backward_tail_avx512(output_mask[0] ? &base : nullptr, x2, g2, lora_a, lora_b, scaling,
-                                   output_mask[2] ? &dat : nullptr, output_mask[3] ? &dbt : nullptr);
-    if (output_mask[1]) dw = at::mm(g2.t(), x2);
-    return {output_mask[0] ? OptTensor(base.view(x.sizes())) : OptTensor(), dw,
-            output_mask[2] ? OptTensor(dat) : OptTensor(), output_mask[3] ? OptTensor(dbt) : OptTensor()};
+    // bf16 without AMX, past the few-token pass: the same tail on AVX512-BF16 dot products (cpu/rank_avx512.cpp)
+    // instead of five oneDNN calls.
+    return fused_tail(&cpu::lora_backward_tail_avx512);
   }
   if (!gb.defined() && (output_mask[0] || output_mask[2])) gb = cpu::shrink(g2, lora_b.t(), scaling);
   if (output_mask[0] && !dx.has_value()) {

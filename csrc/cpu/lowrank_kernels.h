@@ -123,6 +123,10 @@ void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tens
 // one parallel pass over token panels instead of five oneDNN calls. rank_avx512_supported: the CPU has
 // AVX512-BF16, both operands bf16 2-D with unit column stride.
 bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m);
+// M [r, K] bf16 (any strides) → [G][P][16][2] bf16, G = ⌈r/16⌉, P = ⌈K/2⌉, zero padded: lane j of pair p holds
+// (M[16g + j, 2p], M[16g + j, 2p + 1]). Read one pair row at a time it is the operand of the AVX-512 broadcast-dot
+// shrinks (augment_bf16, shrink_avx512, the tails); it is also the VNNI layout of an AMX B tile (16 pairs × 16).
+at::Tensor pack_pairs_bf16(const at::Tensor& m);
 // s·Z·Mᵀ [T, r] fp32 from bf16 Z [T, K] (unit column stride) and M [r, K] (any strides): the tail's broadcast
 // shrink (8 tokens × 16 ranks of VDPBF16PS accumulators), for CPUs without AMX.
 at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale);

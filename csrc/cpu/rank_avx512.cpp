@@ -57,21 +57,6 @@ int64_t panel_tokens(int64_t K, int64_t N) {
 
 #if LOWRANK_HAVE_RANK_AVX512
 
-// M [r, K] (any strides) → [G][P][16][2] bf16, G = ⌈r/16⌉, P = ⌈K/2⌉, zero padded: lane j of pair p holds
-// (M[16g + j, 2p], M[16g + j, 2p + 1]), the operand of the shrink.
-at::Tensor pack_shrink(const at::Tensor& m) {
-  const int64_t r = m.size(0), K = m.size(1), G = (r + 15) / 16, P = (K + 1) / 2;
-  at::Tensor out = at::zeros({G, P, 16, 2}, m.options());
-  const bf16* M = m.const_data_ptr<bf16>();
-  bf16* O = out.mutable_data_ptr<bf16>();
-  const int64_t s0 = m.stride(0), s1 = m.stride(1);
-  for (int64_t j = 0; j < r; ++j) {
-    bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
-    for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
-  }
-  return out;
-}
-
 // A [r, K] → [Rh][Kp][2] bf16, Rh = Rp / 2 rank pairs (Rp = 16·G), Kp = K rounded up to 32, zero padded: the pair
 // (A[2q, i], A[2q + 1, i]) at [q][i], the operand of the expand.
 at::Tensor pack_expand(const at::Tensor& a, int64_t Rp) {
@@ -185,8 +170,8 @@ struct Tail {
   int64_t ldg;
   int64_t T, K, N, G, Rp;
   int64_t panel;
-  const bf16* a_shrink;  // pack_shrink(A)
-  const bf16* b_shrink;  // pack_shrink(Bᵀ)
+  const bf16* a_shrink;  // pack_pairs_bf16(A)
+  const bf16* b_shrink;  // pack_pairs_bf16(Bᵀ)
   const bf16* a_expand;  // pack_expand(A, Rp)
   float s;
   bf16* dx;  // [T, K] contiguous holding g·W, or null
@@ -313,12 +298,25 @@ void gather(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, in
 
 }  // namespace
 
+at::Tensor pack_pairs_bf16(const at::Tensor& m) {
+  const int64_t r = m.size(0), K = m.size(1), G = (r + 15) / 16, P = (K + 1) / 2;
+  at::Tensor out = at::zeros({G, P, 16, 2}, m.options());
+  const bf16* M = m.const_data_ptr<bf16>();
+  bf16* O = out.mutable_data_ptr<bf16>();
+  const int64_t s0 = m.stride(0), s1 = m.stride(1);
+  for (int64_t j = 0; j < r; ++j) {
+    bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
+    for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
+  }
+  return out;
+}
+
 at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale) {
   TORCH_CHECK(rank_avx512_supported(z, m) && m.size(1) == z.size(1), "shrink_avx512: unsupported arguments");
   const int64_t T = z.size(0), K = z.size(1), r = m.size(0);
   at::Tensor h = at::empty({T, r}, z.options().dtype(at::kFloat));
 #if LOWRANK_HAVE_RANK_AVX512
-  const at::Tensor mp = pack_shrink(m);
+  const at::Tensor mp = pack_pairs_bf16(m);
   const int64_t G = mp.size(0), P = mp.size(1), ldz = z.stride(0);
   const bf16* Z = z.const_data_ptr<bf16>();
   const bf16* MP = mp.const_data_ptr<bf16>();
@@ -364,8 +362,8 @@ void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::T
 #if LOWRANK_HAVE_RANK_AVX512
   const int64_t pt = panel_tokens(K, N), npanel = (T + pt - 1) / pt;
   const bool want_gb = dx != nullptr || da != nullptr;
-  const at::Tensor a_shrink = pack_shrink(lora_a);
-  const at::Tensor b_shrink = want_gb ? pack_shrink(lora_b.t()) : a_shrink;
+  const at::Tensor a_shrink = pack_pairs_bf16(lora_a);
+  const at::Tensor b_shrink = want_gb ? pack_pairs_bf16(lora_b.t()) : a_shrink;
   const at::Tensor a_expand = dx ? pack_expand(lora_a, Rp) : a_shrink;
   const Tail a{x2.const_data_ptr<bf16>(), x2.stride(0), g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, G, Rp, pt,
                a_shrink.const_data_ptr<bf16>(), b_shrink.const_data_ptr<bf16>(), a_expand.const_data_ptr<bf16>(),
