@@ -109,9 +109,12 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor y = base_linear(x2, weight, bias);
   if (lora) {
     // A few tokens: the rank-r shrink through at::mm costs ~130 µs of oneDNN call overhead, more than its work.
+    // Many tokens on AVX-512: the broadcast-dot shrink (one pass over x, fp32 sums, the scale folded in) instead of
+    // an N = r GEMM and a separate scaling pass.
     const at::Tensor h = decode ? cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt,
                                                           at::kFloat).mul_(scaling)
-                                : cpu::shrink(x2, lora_a, scaling);
+                        : cpu::tail_avx512_supported(x2, lora_a) ? cpu::shrink_avx512(x2, lora_a, scaling)
+                                                                 : cpu::shrink(x2, lora_a, scaling);
     cpu::expand_add_(y, h, lora_b.t(), std::nullopt);
   }
   return y.view(out_shape);
@@ -186,10 +189,9 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> lora_linear_backward_cpu(
       dx = acc.to(dtype).view(x.sizes());
     }
   }
-  if (!dx.has_value() && dtype == at::kBFloat16 && cpu::rank_avx512_supported(g2, lora_b) &&
-      cpu::rank_avx512_supported(x2, lora_a)) {
-    // bf16 without AMX, past the few-token pass: the same tail on AVX512-BF16 dot products (cpu/rank_avx512.cpp)
-    // instead of five oneDNN calls.
+  if (!dx.has_value() && cpu::tail_avx512_supported(g2, lora_b) && cpu::tail_avx512_supported(x2, lora_a)) {
+    // bf16 without AMX past the few-token pass, and fp32: the same tail on AVX-512 (cpu/rank_avx512.cpp; VDPBF16PS
+    // or FMA) instead of five oneDNN / MKL calls.
     return fused_tail(&cpu::lora_backward_tail_avx512);
   }
   if (!gb.defined() && (output_mask[0] || output_mask[2])) gb = cpu::shrink(g2, lora_b.t(), scaling);

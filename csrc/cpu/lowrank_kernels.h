@@ -119,16 +119,19 @@ at::Tensor tn_amx(const at::Tensor& m, const at::Tensor& z, double scale);
 void lora_backward_tail_amx(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
                             const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
 
-// The same tail, same contract, on AVX512-BF16 without tiles (cpu/rank_avx512.cpp), for CPUs without AMX:
-// one parallel pass over token panels instead of five oneDNN calls. rank_avx512_supported: the CPU has
-// AVX512-BF16, both operands bf16 2-D with unit column stride.
+// The same tail, same contract, on AVX-512 without tiles (cpu/rank_avx512.cpp): bf16 (VDPBF16PS; for CPUs without
+// AMX) and fp32 (FMA; gB, h and dx kept in fp32), one parallel pass over token panels instead of five GEMM calls.
+// tail_avx512_supported: the CPU has AVX512-BF16, z and m both bf16 or both fp32, 2-D, z with unit column stride.
+// rank_avx512_supported: the same for bf16 only (shrink_avx512).
+bool tail_avx512_supported(const at::Tensor& z, const at::Tensor& m);
 bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m);
 // M [r, K] bf16 (any strides) → [G][P][16][2] bf16, G = ⌈r/16⌉, P = ⌈K/2⌉, zero padded: lane j of pair p holds
 // (M[16g + j, 2p], M[16g + j, 2p + 1]). Read one pair row at a time it is the operand of the AVX-512 broadcast-dot
 // shrinks (augment_bf16, shrink_avx512, the tails); it is also the VNNI layout of an AMX B tile (16 pairs × 16).
 at::Tensor pack_pairs_bf16(const at::Tensor& m);
-// s·Z·Mᵀ [T, r] fp32 from bf16 Z [T, K] (unit column stride) and M [r, K] (any strides): the tail's broadcast
-// shrink (8 tokens × 16 ranks of VDPBF16PS accumulators), for CPUs without AMX.
+// s·Z·Mᵀ [T, r] fp32 from Z [T, K] (unit column stride) and M [r, K] (any strides), both bf16 or both fp32
+// (tail_avx512_supported): the tail's broadcast shrink (bf16: 8 tokens × 16 ranks of VDPBF16PS accumulators;
+// fp32: 6 tokens × 16 ranks × 4 partial sums of FMAs).
 at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale);
 void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
                                const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -149,6 +150,95 @@ LOWRANK_AVX512_BF16 __attribute__((noinline)) void expand_tile(const bf16* gb, i
   }
 }
 
+// fp32 twins of the three kernels (FMA, 16 products a step instead of 32, no pairs). Accuracy: each sum is split
+// over several accumulators (the shrink: four chains of K/4 terms, combined pairwise; the reduction: even and odd
+// tokens), because one long fp32 chain was measurably less accurate than MKL's blocked GEMM (max error vs fp64 up
+// to 2.2× PEFT's on MiniLM's 384-wide layers, over the repo's 2× rule).
+template <int NT>
+LOWRANK_AVX512_BF16 __attribute__((noinline)) void shrink_tile_f32(const float* z, int64_t ldz, int64_t K,
+                                                                   const float* mp, float* out) {
+  __m512 acc[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int c = 0; c < 4; ++c) acc[t][c] = _mm512_setzero_ps();
+  const int64_t K4 = K / 4 * 4;
+  for (int64_t i = 0; i < K4; i += 4) {
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512 b = _mm512_loadu_ps(mp + (i + c) * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) acc[t][c] = _mm512_fmadd_ps(_mm512_set1_ps(z[t * ldz + i + c]), b, acc[t][c]);
+    }
+  }
+  for (int64_t i = K4; i < K; ++i) {  // (a constant index: a variable one would put acc in memory)
+    const __m512 b = _mm512_loadu_ps(mp + i * 16);
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[t][0] = _mm512_fmadd_ps(_mm512_set1_ps(z[t * ldz + i]), b, acc[t][0]);
+  }
+  for (int t = 0; t < NT; ++t)
+    _mm512_storeu_ps(out + 16 * t, _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
+}
+
+// acc[k][0:32] += Σ_t mt[k·ldm + t] · Z[t][32 columns] for the 4 ranks k of this call, over ntok token rows (even
+// and odd tokens in separate sums).
+constexpr int64_t kRanksPerReduceF32 = 4;
+LOWRANK_AVX512_BF16 __attribute__((noinline)) void reduce_block_f32(const float* z, int64_t ldz, int64_t ntok,
+                                                                    const float* mt, int64_t ldm, float* acc,
+                                                                    int64_t lda) {
+  __m512 s[kRanksPerReduceF32][2][2];
+  for (int k = 0; k < kRanksPerReduceF32; ++k)
+    for (int p = 0; p < 2; ++p) s[k][p][0] = s[k][p][1] = _mm512_setzero_ps();
+  const int64_t even = ntok / 2 * 2;
+  for (int64_t t = 0; t < even; t += 2) {
+#pragma GCC unroll 2
+    for (int p = 0; p < 2; ++p) {
+      const __m512 r0 = _mm512_loadu_ps(z + (t + p) * ldz);
+      const __m512 r1 = _mm512_loadu_ps(z + (t + p) * ldz + 16);
+#pragma GCC unroll 4
+      for (int k = 0; k < kRanksPerReduceF32; ++k) {
+        const __m512 w = _mm512_set1_ps(mt[k * ldm + t + p]);
+        s[k][p][0] = _mm512_fmadd_ps(w, r0, s[k][p][0]);
+        s[k][p][1] = _mm512_fmadd_ps(w, r1, s[k][p][1]);
+      }
+    }
+  }
+  if (even < ntok) {
+    const __m512 r0 = _mm512_loadu_ps(z + even * ldz);
+    const __m512 r1 = _mm512_loadu_ps(z + even * ldz + 16);
+    for (int k = 0; k < kRanksPerReduceF32; ++k) {
+      const __m512 w = _mm512_set1_ps(mt[k * ldm + even]);
+      s[k][0][0] = _mm512_fmadd_ps(w, r0, s[k][0][0]);
+      s[k][0][1] = _mm512_fmadd_ps(w, r1, s[k][0][1]);
+    }
+  }
+  for (int k = 0; k < kRanksPerReduceF32; ++k)
+    for (int h = 0; h < 2; ++h) {
+      float* dst = acc + k * lda + 16 * h;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_add_ps(s[k][0][h], s[k][1][h])));
+    }
+}
+
+// out[t][0:32] = Σ_k gb[t][k] · AE[k][32 columns] for NT token rows of gB (row stride ldg, R ranks), AE the fp32
+// expand pack at this 32-column block (row stride lde).
+template <int NT>
+LOWRANK_AVX512_BF16 __attribute__((noinline)) void expand_tile_f32(const float* gb, int64_t ldg, int64_t R,
+                                                                   const float* ae, int64_t lde, float* out) {
+  __m512 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(ae + k * lde);
+    const __m512 b1 = _mm512_loadu_ps(ae + k * lde + 16);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 w = _mm512_set1_ps(gb[t * ldg + k]);
+      acc[t][0] = _mm512_fmadd_ps(w, b0, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(w, b1, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    _mm512_storeu_ps(out + 32 * t, acc[t][0]);
+    _mm512_storeu_ps(out + 32 * t + 16, acc[t][1]);
+  }
+}
+
 template <typename F>
 void dispatch_tokens(int n, F&& f) {
   switch (n) {
@@ -163,34 +253,38 @@ void dispatch_tokens(int n, F&& f) {
   }
 }
 
+// E: the element type, bf16 or float (the fp32 packs are plain rows: shrink [G][K][16], expand [Rp][Kp]).
+template <typename E>
 struct Tail {
-  const bf16* x;  // [T, K] (row stride ldx)
+  const E* x;  // [T, K] (row stride ldx)
   int64_t ldx;
-  const bf16* g;  // [T, N] (row stride ldg)
+  const E* g;  // [T, N] (row stride ldg)
   int64_t ldg;
   int64_t T, K, N, G, Rp;
   int64_t panel;
-  const bf16* a_shrink;  // pack_pairs_bf16(A)
-  const bf16* b_shrink;  // pack_pairs_bf16(Bᵀ)
-  const bf16* a_expand;  // pack_expand(A, Rp)
+  const E* a_shrink;  // packed A (bf16: pack_pairs_bf16)
+  const E* b_shrink;  // packed Bᵀ
+  const E* a_expand;  // packed A for the expand
   float s;
-  bf16* dx;  // [T, K] contiguous holding g·W, or null
+  E* dx;  // [T, K] contiguous holding g·W, or null
   bool want_gb, want_da, want_db;
 };
 
 // Per-thread scratch.
+template <typename E>
 struct Scratch {
-  std::vector<float> out;      // [8][32] fp32: one shrink or expand tile
-  std::vector<bf16> gbrow;     // [panel][Rp]: gB rows (the expand's broadcast pairs)
-  std::vector<uint16_t> gbt;   // [Rp][panel]: gBᵀ, token pairs adjacent (dA's broadcast pairs)
-  std::vector<uint16_t> ht;    // [Rp][panel]: hᵀ (dB's)
-  std::vector<bf16> zs;        // [panel][32]: the last, partial 32-column block of a panel, zero padded
-  std::vector<bf16> odd;       // [2][Cp]: the odd last row of the last panel and a zero row
+  std::vector<float> out;  // [8][32] fp32: one shrink or expand tile
+  std::vector<E> gbrow;    // [panel][Rp]: gB rows (the expand's broadcast operands)
+  std::vector<E> gbt;      // [Rp][panel]: gBᵀ (dA's; bf16: token pairs adjacent)
+  std::vector<E> ht;       // [Rp][panel]: hᵀ (dB's)
+  std::vector<E> zs;       // [panel][32]: the last, partial 32-column block of a panel, zero padded
+  std::vector<E> odd;      // [2][Cp]: bf16 only: the odd last row of the last panel and a zero row
 };
 
 // s·Z·Mᵀ for the panel's rows (rounded to bf16) → rows (optional, [rows][Rp]) and transposed pairs ([Rp][panel]).
-LOWRANK_AVX512_BF16 void shrink_panel(const Tail& a, const bf16* z, int64_t ldz, int64_t Kz, const bf16* mp,
-                                      int64_t rows, bf16* rows_out, uint16_t* tr_out, float* out) {
+LOWRANK_AVX512_BF16 void shrink_panel(const Tail<bf16>& a, const bf16* z, int64_t ldz, int64_t Kz, const bf16* mp,
+                                      int64_t rows, bf16* rows_out, bf16* tr, float* out) {
+  auto* tr_out = reinterpret_cast<uint16_t*>(tr);
   const int64_t P = (Kz + 1) / 2;
   const __m512 sv = _mm512_set1_ps(a.s);
   for (int64_t t0 = 0; t0 < rows; t0 += kShrinkTokens) {
@@ -210,8 +304,9 @@ LOWRANK_AVX512_BF16 void shrink_panel(const Tail& a, const bf16* z, int64_t ldz,
 
 // acc[Rp][nb][2][16] += Mᵀ·Z over the panel's rows (Z: [rows, C], row stride ldz; mt: [Rp][panel] bf16 with token
 // pairs adjacent, zero past rows).
-LOWRANK_AVX512_BF16 void reduce_panel(const bf16* z, int64_t ldz, int64_t rows, int64_t C, const uint16_t* mt,
-                                      int64_t panel, int64_t Rp, float* acc, Scratch& sc) {
+LOWRANK_AVX512_BF16 void reduce_panel(const bf16* z, int64_t ldz, int64_t rows, int64_t C, const bf16* mtb,
+                                      int64_t panel, int64_t Rp, float* acc, Scratch<bf16>& sc) {
+  const auto* mt = reinterpret_cast<const uint16_t*>(mtb);
   const int64_t nb = (C + 31) / 32, full = C / 32, pairs = rows / 2, ldm = panel / 2;
   const int64_t lda = nb * 32;
   auto ranks = [&](const bf16* zz, int64_t ld, int64_t np, int64_t p0, int64_t blk) {
@@ -237,7 +332,7 @@ LOWRANK_AVX512_BF16 void reduce_panel(const bf16* z, int64_t ldz, int64_t rows, 
 // dx rows [t0, t0 + rows) += gB·A, rounded once to bf16. Token blocks outside, columns inside: dx comes from the
 // GEMM's streaming stores (not in cache), and eight rows read front to back are streams the prefetcher follows;
 // walking a column block down the rows instead missed on every row (measured: 0.3 ms of 0.4 at 2048×768).
-LOWRANK_AVX512_BF16 void expand_panel(const Tail& a, int64_t t0, int64_t rows, const bf16* gbrow, float* out) {
+LOWRANK_AVX512_BF16 void expand_panel(const Tail<bf16>& a, int64_t t0, int64_t rows, const bf16* gbrow, float* out) {
   const int64_t Kp = (a.K + 31) / 32 * 32, Rh = a.Rp / 2;
   for (int64_t t = 0; t < rows; t += kShrinkTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
@@ -262,14 +357,75 @@ LOWRANK_AVX512_BF16 void expand_panel(const Tail& a, int64_t t0, int64_t rows, c
   }
 }
 
-LOWRANK_AVX512_BF16 void tail_panel(const Tail& a, int64_t t0, float* acc_a, float* acc_b, Scratch& sc) {
+// fp32: s·Z·Mᵀ for the panel's rows → rows (optional, [rows][Rp]) and transposed ([Rp][panel]). 6 tokens per tile:
+// 4 accumulators each (24) leave registers for the operands.
+constexpr int64_t kShrinkTokensF32 = 6;
+LOWRANK_AVX512_BF16 void shrink_panel(const Tail<float>& a, const float* z, int64_t ldz, int64_t Kz,
+                                      const float* mp, int64_t rows, float* rows_out, float* tr_out, float* out) {
+  for (int64_t t0 = 0; t0 < rows; t0 += kShrinkTokensF32) {
+    const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokensF32, rows - t0));
+    for (int64_t g = 0; g < a.G; ++g) {
+      dispatch_tokens(nt, [&](auto n) {
+        shrink_tile_f32<decltype(n)::value>(z + t0 * ldz, ldz, Kz, mp + g * Kz * 16, out);
+      });
+      for (int t = 0; t < nt; ++t)
+        for (int j = 0; j < 16; ++j) {
+          const float v = a.s * out[16 * t + j];
+          if (rows_out) rows_out[(t0 + t) * a.Rp + 16 * g + j] = v;
+          tr_out[(16 * g + j) * a.panel + t0 + t] = v;
+        }
+    }
+  }
+}
+
+// fp32: acc[Rp][nb][32] += Mᵀ·Z over the panel's rows (mt: [Rp][panel]).
+LOWRANK_AVX512_BF16 void reduce_panel(const float* z, int64_t ldz, int64_t rows, int64_t C, const float* mt,
+                                      int64_t panel, int64_t Rp, float* acc, Scratch<float>& sc) {
+  const int64_t nb = (C + 31) / 32, full = C / 32, lda = nb * 32;
+  auto ranks = [&](const float* zz, int64_t ld, int64_t blk) {
+    for (int64_t k0 = 0; k0 < Rp; k0 += kRanksPerReduceF32)
+      reduce_block_f32(zz, ld, rows, mt + k0 * panel, panel, acc + k0 * lda + blk * 32, lda);
+  };
+  for (int64_t blk = 0; blk < full; ++blk) ranks(z + blk * 32, ldz, blk);
+  if (full < nb) {
+    const int64_t w = C - full * 32;
+    std::fill(sc.zs.begin(), sc.zs.end(), 0.f);
+    for (int64_t t = 0; t < rows; ++t) std::memcpy(sc.zs.data() + t * 32, z + t * ldz + full * 32, w * sizeof(float));
+    ranks(sc.zs.data(), 32, full);
+  }
+}
+
+// fp32: dx rows [t0, t0 + rows) += gB·A.
+LOWRANK_AVX512_BF16 void expand_panel(const Tail<float>& a, int64_t t0, int64_t rows, const float* gbrow,
+                                      float* out) {
+  const int64_t Kp = (a.K + 31) / 32 * 32;
+  for (int64_t t = 0; t < rows; t += kShrinkTokens) {
+    const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
+    for (int64_t c0 = 0; c0 < a.K; c0 += 32) {
+      const int64_t w = std::min<int64_t>(32, a.K - c0);
+      const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+      const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
+      dispatch_tokens(nt, [&](auto n) {
+        expand_tile_f32<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, a.Rp, a.a_expand + c0, Kp, out);
+      });
+      for (int j = 0; j < nt; ++j) {
+        float* d = a.dx + (t0 + t + j) * a.K + c0;
+        _mm512_mask_storeu_ps(d, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d), _mm512_loadu_ps(out + 32 * j)));
+        _mm512_mask_storeu_ps(d + 16, m1,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d + 16), _mm512_loadu_ps(out + 32 * j + 16)));
+      }
+    }
+  }
+}
+
+template <typename E>
+LOWRANK_AVX512_BF16 void tail_panel(const Tail<E>& a, int64_t t0, float* acc_a, float* acc_b, Scratch<E>& sc) {
   const int64_t rows = std::min<int64_t>(a.panel, a.T - t0);
-  if (rows % 2) {  // pairs (rows - 1, rows): the second is not a token
-    for (int64_t k = 0; k < a.Rp; ++k) sc.gbt[k * a.panel + rows] = sc.ht[k * a.panel + rows] = 0;
+  if (std::is_same_v<E, bf16> && rows % 2) {  // pairs (rows - 1, rows): the second is not a token
+    for (int64_t k = 0; k < a.Rp; ++k) sc.gbt[k * a.panel + rows] = sc.ht[k * a.panel + rows] = E(0.f);
   }
   if (a.want_gb)
-    shrink_panel(a, a.g + t0 * a.ldg, a.ldg, a.N, a.b_shrink, rows, reinterpret_cast<bf16*>(sc.gbrow.data()),
-                 sc.gbt.data(), sc.out.data());
+    shrink_panel(a, a.g + t0 * a.ldg, a.ldg, a.N, a.b_shrink, rows, sc.gbrow.data(), sc.gbt.data(), sc.out.data());
   if (a.want_db) {
     shrink_panel(a, a.x + t0 * a.ldx, a.ldx, a.K, a.a_shrink, rows, nullptr, sc.ht.data(), sc.out.data());
     reduce_panel(a.g + t0 * a.ldg, a.ldg, rows, a.N, sc.ht.data(), a.panel, a.Rp, acc_b, sc);
@@ -278,10 +434,12 @@ LOWRANK_AVX512_BF16 void tail_panel(const Tail& a, int64_t t0, float* acc_a, flo
   if (a.dx != nullptr) expand_panel(a, t0, rows, sc.gbrow.data(), sc.out.data());
 }
 
-// Σ over threads of the accumulators ([Rp][nb][2][16] fp32, `per` floats each), the lane order undone, rounded to
-// bf16 into O[j·sj + i·si] for j < r, i < cols.
-void gather(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, int64_t nb, bf16* O, int64_t sj,
+// Σ over threads of the accumulators ([Rp][nb][32] fp32, `per` floats each), for bf16 the lane order of the
+// interleaved halves undone, written (rounded for bf16) into O[j·sj + i·si] for j < r, i < cols.
+template <typename E>
+void gather(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, int64_t nb, E* O, int64_t sj,
             int64_t si) {
+  constexpr bool kPairs = std::is_same_v<E, bf16>;
   std::vector<float> row(nb * 32);
   for (int64_t j = 0; j < r; ++j) {
     std::fill(row.begin(), row.end(), 0.f);
@@ -289,9 +447,10 @@ void gather(const float* S, int64_t nt, int64_t per, int64_t r, int64_t cols, in
       const float* src = S + t * per + j * nb * 32;
       for (int64_t blk = 0; blk < nb; ++blk)
         for (int64_t h = 0; h < 2; ++h)
-          for (int64_t q = 0; q < 16; ++q) row[blk * 32 + 8 * (q / 4) + 4 * h + q % 4] += src[blk * 32 + 16 * h + q];
+          for (int64_t q = 0; q < 16; ++q)
+            row[kPairs ? blk * 32 + 8 * (q / 4) + 4 * h + q % 4 : blk * 32 + 16 * h + q] += src[blk * 32 + 16 * h + q];
     }
-    for (int64_t i = 0; i < cols; ++i) O[j * sj + i * si] = bf16(row[i]);
+    for (int64_t i = 0; i < cols; ++i) O[j * sj + i * si] = E(row[i]);
   }
 }
 #endif  // LOWRANK_HAVE_RANK_AVX512
@@ -311,31 +470,75 @@ at::Tensor pack_pairs_bf16(const at::Tensor& m) {
   return out;
 }
 
-at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale) {
-  TORCH_CHECK(rank_avx512_supported(z, m) && m.size(1) == z.size(1), "shrink_avx512: unsupported arguments");
-  const int64_t T = z.size(0), K = z.size(1), r = m.size(0);
-  at::Tensor h = at::empty({T, r}, z.options().dtype(at::kFloat));
+namespace {
 #if LOWRANK_HAVE_RANK_AVX512
-  const at::Tensor mp = pack_pairs_bf16(m);
-  const int64_t G = mp.size(0), P = mp.size(1), ldz = z.stride(0);
-  const bf16* Z = z.const_data_ptr<bf16>();
-  const bf16* MP = mp.const_data_ptr<bf16>();
-  float* H = h.mutable_data_ptr<float>();
-  const auto s = static_cast<float>(scale);
-  // 8-token blocks, every rank group of a block while its rows are in L1.
-  at::parallel_for(0, (T + kShrinkTokens - 1) / kShrinkTokens, 4, [&](int64_t b0, int64_t b1) {
+// fp32 packs: M [r, K] → [G][K][16] (lane j of row i holds M[16g + j, i]); A [r, K] → [Rp][Kp] (Kp: K rounded up to
+// 32), zero padded.
+at::Tensor pack_shrink_f32(const at::Tensor& m) {
+  const int64_t r = m.size(0), K = m.size(1), G = (r + 15) / 16;
+  at::Tensor out = at::zeros({G, K, 16}, m.options());
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = std::min<int64_t>(16, r - 16 * g);
+    out.select(0, g).narrow(1, 0, n).copy_(m.narrow(0, 16 * g, n).t());
+  }
+  return out;
+}
+at::Tensor pack_expand_f32(const at::Tensor& a, int64_t Rp) {
+  const int64_t r = a.size(0), K = a.size(1), Kp = (K + 31) / 32 * 32;
+  at::Tensor out = at::zeros({Rp, Kp}, a.options());
+  out.narrow(0, 0, r).narrow(1, 0, K).copy_(a);
+  return out;
+}
+at::Tensor pack_shrink(const at::Tensor& m) {
+  return m.scalar_type() == at::kBFloat16 ? pack_pairs_bf16(m) : pack_shrink_f32(m);
+}
+at::Tensor pack_expand_any(const at::Tensor& a, int64_t Rp) {
+  return a.scalar_type() == at::kBFloat16 ? pack_expand(a, Rp) : pack_expand_f32(a, Rp);
+}
+#endif
+#if LOWRANK_HAVE_RANK_AVX512
+// H[t, :] = s·Z[t, :]·Mᵀ for blocks of NB tokens (NB: the tile's token count), every rank group of a block while
+// its rows are in L1.
+template <typename E, int64_t NB, typename Tile>
+void shrink_rows(const E* Z, int64_t ldz, int64_t T, int64_t K, const E* MP, int64_t group_elems, int64_t G,
+                 int64_t r, float s, float* H, Tile tile) {
+  at::parallel_for(0, (T + NB - 1) / NB, 4, [&](int64_t b0, int64_t b1) {
     alignas(64) float out[kShrinkTokens * 16];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t t0 = b * kShrinkTokens;
-      const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, T - t0));
+      const int64_t t0 = b * NB;
+      const int nt = static_cast<int>(std::min<int64_t>(NB, T - t0));
       for (int64_t g = 0; g < G; ++g) {
-        dispatch_tokens(nt, [&](auto n) { shrink_tile<decltype(n)::value>(Z + t0 * ldz, ldz, K, MP + g * P * 32, out); });
+        tile(nt, Z + t0 * ldz, MP + g * group_elems, out);
         const int64_t cols = std::min<int64_t>(16, r - 16 * g);
         for (int t = 0; t < nt; ++t)
           for (int64_t j = 0; j < cols; ++j) H[(t0 + t) * r + 16 * g + j] = s * out[16 * t + j];
       }
     }
   });
+}
+#endif
+}  // namespace
+
+at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale) {
+  TORCH_CHECK(tail_avx512_supported(z, m) && m.size(1) == z.size(1), "shrink_avx512: unsupported arguments");
+  const int64_t T = z.size(0), K = z.size(1), r = m.size(0), G = (r + 15) / 16, ldz = z.stride(0);
+  at::Tensor h = at::empty({T, r}, z.options().dtype(at::kFloat));
+#if LOWRANK_HAVE_RANK_AVX512
+  float* H = h.mutable_data_ptr<float>();
+  const auto s = static_cast<float>(scale);
+  if (z.scalar_type() == at::kBFloat16) {
+    const at::Tensor mp = pack_pairs_bf16(m);
+    shrink_rows<bf16, kShrinkTokens>(z.const_data_ptr<bf16>(), ldz, T, K, mp.const_data_ptr<bf16>(),
+                                     mp.size(1) * 32, G, r, s, H, [&](int nt, const bf16* zz, const bf16* mg, float* o) {
+      dispatch_tokens(nt, [&](auto n) { shrink_tile<decltype(n)::value>(zz, ldz, K, mg, o); });
+    });
+  } else {
+    const at::Tensor mp = pack_shrink_f32(m);
+    shrink_rows<float, kShrinkTokensF32>(z.const_data_ptr<float>(), ldz, T, K, mp.const_data_ptr<float>(), K * 16,
+                                         G, r, s, H, [&](int nt, const float* zz, const float* mg, float* o) {
+      dispatch_tokens(nt, [&](auto n) { shrink_tile_f32<decltype(n)::value>(zz, ldz, K, mg, o); });
+    });
+  }
 #endif
   return h;
 }
@@ -346,14 +549,19 @@ bool rank_avx512_supported(const at::Tensor& z, const at::Tensor& m) {
          m.size(1) >= 1;
 }
 
-void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-                               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
+bool tail_avx512_supported(const at::Tensor& z, const at::Tensor& m) {
+  const auto t = z.scalar_type();
+  return has_avx512_bf16() && (t == at::kBFloat16 || t == at::kFloat) && m.scalar_type() == t && z.dim() == 2 &&
+         m.dim() == 2 && z.stride(1) == 1 && z.size(0) >= 1 && z.size(1) >= 1 && m.size(0) >= 1 && m.size(1) >= 1;
+}
+
+namespace {
+
+
+template <typename E>
+void tail_impl(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
   const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
-  TORCH_CHECK(rank_avx512_supported(x2, lora_a) && rank_avx512_supported(g2, lora_b) && g2.size(0) == T &&
-                  lora_a.size(1) == K && lora_b.size(0) == N && lora_b.size(1) == r &&
-                  (dx == nullptr || (dx->scalar_type() == at::kBFloat16 && dx->is_contiguous() &&
-                                     dx->sizes() == x2.sizes())),
-              "lora_backward_tail_avx512: unsupported arguments");
   const int64_t G = (r + 15) / 16, Rp = 16 * G;
   const int64_t nbx = (K + 31) / 32, nbn = (N + 31) / 32;
   const int nthreads = std::max(1, at::get_num_threads());
@@ -362,36 +570,54 @@ void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::T
 #if LOWRANK_HAVE_RANK_AVX512
   const int64_t pt = panel_tokens(K, N), npanel = (T + pt - 1) / pt;
   const bool want_gb = dx != nullptr || da != nullptr;
-  const at::Tensor a_shrink = pack_pairs_bf16(lora_a);
-  const at::Tensor b_shrink = want_gb ? pack_pairs_bf16(lora_b.t()) : a_shrink;
-  const at::Tensor a_expand = dx ? pack_expand(lora_a, Rp) : a_shrink;
-  const Tail a{x2.const_data_ptr<bf16>(), x2.stride(0), g2.const_data_ptr<bf16>(), g2.stride(0), T, K, N, G, Rp, pt,
-               a_shrink.const_data_ptr<bf16>(), b_shrink.const_data_ptr<bf16>(), a_expand.const_data_ptr<bf16>(),
-               static_cast<float>(scale), dx ? dx->mutable_data_ptr<bf16>() : nullptr, want_gb, da != nullptr,
-               db != nullptr};
+  const at::Tensor a_shrink = pack_shrink(lora_a);
+  const at::Tensor b_shrink = want_gb ? pack_shrink(lora_b.t()) : a_shrink;
+  const at::Tensor a_expand = dx ? pack_expand_any(lora_a, Rp) : a_shrink;
+  const Tail<E> a{x2.const_data_ptr<E>(), x2.stride(0), g2.const_data_ptr<E>(), g2.stride(0), T, K, N, G, Rp, pt,
+                  a_shrink.const_data_ptr<E>(), b_shrink.const_data_ptr<E>(), a_expand.const_data_ptr<E>(),
+                  static_cast<float>(scale), dx ? dx->mutable_data_ptr<E>() : nullptr, want_gb, da != nullptr,
+                  db != nullptr};
   const int64_t Cp = std::max(nbx, nbn) * 32;
   at::parallel_for(0, npanel, 1, [&](int64_t b0, int64_t b1) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);
-    Scratch sc{std::vector<float>(8 * 32), std::vector<bf16>(pt * Rp), std::vector<uint16_t>(Rp * pt, 0),
-               std::vector<uint16_t>(Rp * pt, 0), std::vector<bf16>(pt * 32), std::vector<bf16>(2 * Cp)};
+    Scratch<E> sc{std::vector<float>(8 * 32), std::vector<E>(pt * Rp), std::vector<E>(Rp * pt, E(0.f)),
+                  std::vector<E>(Rp * pt, E(0.f)), std::vector<E>(pt * 32), std::vector<E>(2 * Cp)};
     float* pa = da ? acc_a.mutable_data_ptr<float>() + tid * acc_a.size(1) : nullptr;
     float* pb = db ? acc_b.mutable_data_ptr<float>() + tid * acc_b.size(1) : nullptr;
-    for (int64_t b = b0; b < b1; ++b) tail_panel(a, b * pt, pa, pb, sc);
+    for (int64_t b = b0; b < b1; ++b) tail_panel<E>(a, b * pt, pa, pb, sc);
   });
 #endif
   // dA [r, K] (out[j, i]) or dB [N, r] (out[i, j]); a tensor defined on entry is written in place.
   auto write = [&](const at::Tensor& acc, int64_t cols, int64_t nb, at::Tensor* out, bool transposed) {
     const auto shape = transposed ? std::vector<int64_t>{cols, r} : std::vector<int64_t>{r, cols};
     if (!out->defined()) *out = at::empty(shape, x2.options());
-    TORCH_CHECK(out->scalar_type() == at::kBFloat16 && out->sizes() == at::IntArrayRef(shape),
+    TORCH_CHECK(out->scalar_type() == x2.scalar_type() && out->sizes() == at::IntArrayRef(shape),
                 "lora_backward_tail_avx512: bad output");
     const int64_t sj = transposed ? out->stride(1) : out->stride(0), si = transposed ? out->stride(0) : out->stride(1);
 #if LOWRANK_HAVE_RANK_AVX512
-    gather(acc.const_data_ptr<float>(), acc.size(0), acc.size(1), r, cols, nb, out->mutable_data_ptr<bf16>(), sj, si);
+    gather<E>(acc.const_data_ptr<float>(), acc.size(0), acc.size(1), r, cols, nb, out->mutable_data_ptr<E>(), sj, si);
 #endif
   };
   if (da) write(acc_a, K, nbx, da, false);
   if (db) write(acc_b, N, nbn, db, true);
+}
+
+}  // namespace
+
+void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
+  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
+  TORCH_CHECK(tail_avx512_supported(x2, lora_a) && tail_avx512_supported(g2, lora_b) &&
+                  g2.scalar_type() == x2.scalar_type() && g2.size(0) == T && lora_a.size(1) == K &&
+                  lora_b.size(0) == N && lora_b.size(1) == r &&
+                  (dx == nullptr || (dx->scalar_type() == x2.scalar_type() && dx->is_contiguous() &&
+                                     dx->sizes() == x2.sizes())),
+              "lora_backward_tail_avx512: unsupported arguments");
+  if (x2.scalar_type() == at::kBFloat16) {
+    tail_impl<bf16>(dx, x2, g2, lora_a, lora_b, scale, da, db);
+  } else {
+    tail_impl<float>(dx, x2, g2, lora_a, lora_b, scale, da, db);
+  }
 }
 
 }  // namespace lowrank::cpu
