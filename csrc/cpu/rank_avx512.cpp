@@ -329,34 +329,6 @@ LOWRANK_AVX512_BF16 void reduce_panel(const bf16* z, int64_t ldz, int64_t rows, 
   }
 }
 
-// dx rows [t0, t0 + rows) += gB·A, rounded once to bf16. Token blocks outside, columns inside: dx comes from the
-// GEMM's streaming stores (not in cache), and eight rows read front to back are streams the prefetcher follows;
-// walking a column block down the rows instead missed on every row (measured: 0.3 ms of 0.4 at 2048×768).
-LOWRANK_AVX512_BF16 void expand_panel(const Tail<bf16>& a, int64_t t0, int64_t rows, const bf16* gbrow, float* out) {
-  const int64_t Kp = (a.K + 31) / 32 * 32, Rh = a.Rp / 2;
-  for (int64_t t = 0; t < rows; t += kShrinkTokens) {
-    const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
-    for (int64_t c0 = 0; c0 < a.K; c0 += 32) {
-      const int64_t w = std::min<int64_t>(32, a.K - c0);
-      const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-      const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
-      dispatch_tokens(nt, [&](auto n) {
-        expand_tile<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, Rh, a.a_expand + c0 * 2, Kp * 2, out);
-      });
-      for (int j = 0; j < nt; ++j) {
-        bf16* d = a.dx + (t0 + t + j) * a.K + c0;
-        const __m512 d0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, d)), 16));
-        const __m512 d1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, d + 16)), 16));
-        _mm256_mask_storeu_epi16(d, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d0, _mm512_loadu_ps(out + 32 * j))));
-        _mm256_mask_storeu_epi16(d + 16, m1,
-                                 (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d1, _mm512_loadu_ps(out + 32 * j + 16))));
-      }
-    }
-  }
-}
-
 // fp32: s·Z·Mᵀ for the panel's rows → rows (optional, [rows][Rp]) and transposed ([Rp][panel]). 6 tokens per tile:
 // 4 accumulators each (24) leave registers for the operands.
 constexpr int64_t kShrinkTokensF32 = 6;
@@ -395,9 +367,24 @@ LOWRANK_AVX512_BF16 void reduce_panel(const float* z, int64_t ldz, int64_t rows,
   }
 }
 
-// fp32: dx rows [t0, t0 + rows) += gB·A.
-LOWRANK_AVX512_BF16 void expand_panel(const Tail<float>& a, int64_t t0, int64_t rows, const float* gbrow,
-                                      float* out) {
+// d[0:w] += v[0:w] (w ≤ 32 as masks m0 / m1 of the two halves), rounded once for bf16.
+LOWRANK_AVX512_BF16 inline void add_row(bf16* d, __mmask16 m0, __mmask16 m1, const float* v) {
+  const __m512 d0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, d)), 16));
+  const __m512 d1 =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, d + 16)), 16));
+  _mm256_mask_storeu_epi16(d, m0, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d0, _mm512_loadu_ps(v))));
+  _mm256_mask_storeu_epi16(d + 16, m1, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(d1, _mm512_loadu_ps(v + 16))));
+}
+LOWRANK_AVX512_BF16 inline void add_row(float* d, __mmask16 m0, __mmask16 m1, const float* v) {
+  _mm512_mask_storeu_ps(d, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d), _mm512_loadu_ps(v)));
+  _mm512_mask_storeu_ps(d + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d + 16), _mm512_loadu_ps(v + 16)));
+}
+
+// dx rows [t0, t0 + rows) += gB·A (bf16: rounded once). Token blocks outside, columns inside: dx comes from the
+// GEMM's streaming stores (not in cache), and eight rows read front to back are streams the prefetcher follows;
+// walking a column block down the rows instead missed on every row (measured: 0.3 ms of 0.4 at 2048×768).
+template <typename E>
+LOWRANK_AVX512_BF16 void expand_panel(const Tail<E>& a, int64_t t0, int64_t rows, const E* gbrow, float* out) {
   const int64_t Kp = (a.K + 31) / 32 * 32;
   for (int64_t t = 0; t < rows; t += kShrinkTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
@@ -406,14 +393,13 @@ LOWRANK_AVX512_BF16 void expand_panel(const Tail<float>& a, int64_t t0, int64_t 
       const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
       const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
       dispatch_tokens(nt, [&](auto n) {
-        expand_tile_f32<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, a.Rp, a.a_expand + c0, Kp, out);
+        if constexpr (std::is_same_v<E, bf16>) {
+          expand_tile<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, a.Rp / 2, a.a_expand + c0 * 2, Kp * 2, out);
+        } else {
+          expand_tile_f32<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, a.Rp, a.a_expand + c0, Kp, out);
+        }
       });
-      for (int j = 0; j < nt; ++j) {
-        float* d = a.dx + (t0 + t + j) * a.K + c0;
-        _mm512_mask_storeu_ps(d, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d), _mm512_loadu_ps(out + 32 * j)));
-        _mm512_mask_storeu_ps(d + 16, m1,
-                              _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d + 16), _mm512_loadu_ps(out + 32 * j + 16)));
-      }
+      for (int j = 0; j < nt; ++j) add_row(a.dx + (t0 + t + j) * a.K + c0, m0, m1, out + 32 * j);
     }
   }
 }
