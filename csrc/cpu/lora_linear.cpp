@@ -109,12 +109,9 @@ at::Tensor lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor y = base_linear(x2, weight, bias);
   if (lora) {
     // A few tokens: the rank-r shrink through at::mm costs ~130 µs of oneDNN call overhead, more than its work.
-    // Many tokens on AVX-512: the broadcast-dot shrink (one pass over x, fp32 sums, the scale folded in) instead of
-    // an N = r GEMM and a separate scaling pass.
     const at::Tensor h = decode ? cpu::decode_linear_bf16(x2, lora_a, std::nullopt, std::nullopt, std::nullopt,
                                                           at::kFloat).mul_(scaling)
-                        : cpu::tail_avx512_supported(x2, lora_a) ? cpu::shrink_avx512(x2, lora_a, scaling)
-                                                                 : cpu::shrink(x2, lora_a, scaling);
+                                : cpu::shrink(x2, lora_a, scaling);
     cpu::expand_add_(y, h, lora_b.t(), std::nullopt);
   }
   return y.view(out_shape);

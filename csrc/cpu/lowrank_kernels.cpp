@@ -323,6 +323,7 @@ bool use_avx512(const at::Tensor& y) {
 }  // namespace
 
 at::Tensor shrink(const at::Tensor& x2, const at::Tensor& m, double scale) {
+  if (tail_avx512_supported(x2, m)) return shrink_avx512(x2, m, scale);
   at::Tensor h = at::mm(x2, m.t());
   // Reduced precision widens to fp32; fp64 (the gradcheck dtype) stays fp64 so every product keeps its precision.
   h = (h.scalar_type() == at::kDouble ? h : h.to(at::kFloat)).contiguous();

@@ -125,8 +125,8 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backwar
   OptTensor dx, dw, da, db;
   if (!segs.empty() && x2.size(0) > cpu::fused_decode_max_tokens() && !cpu::segment_amx_supported(x2) &&
       cpu::tail_avx512_supported(x2, lora_a.select(0, 0)) && cpu::tail_avx512_supported(g2, lora_b.select(0, 0))) {
-    // bf16 with AVX512-BF16 but no AMX, and fp32, past the few-token pass: x and g gathered into the segment order once
-    // (and dx = g·W with them, then scattered back), so that each adapter's tokens are consecutive rows and its
+    // bf16 with AVX512-BF16 but no AMX, and fp32, past the few-token pass: x and g gathered into the segment order
+    // once (and dx = g·W with them, then scattered back), so that each adapter's tokens are consecutive rows and its
     // rank-r products (dx += gB·A, dA, dB) are the dense fused tail of lora_linear (cpu/rank_avx512.cpp). The
     // segmented kernels read rows through perm with fp32 FMAs and masked loads: 6 ms of rank-r work at 512 tokens
     // of 4096², ~8× its VDPBF16PS time; the gathers and the scatter cost four passes over [rows, 4096] bf16.

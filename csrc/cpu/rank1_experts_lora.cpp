@@ -11,9 +11,9 @@
 // would do all E. The shrink cannot be sparse (every score is needed for top-k), so it is one product against
 // [A; R] (a view when the module keeps them in one buffer, else a copy of 2E·in elements) with fp32 results (the
 // gating runs in fp32): at::mm for fp32/fp64, the AMX tile shrink for bf16, AVX512-BF16 dot products for ≤ 8
-// bf16 tokens, AVX512-BF16 broadcast dot products without AMX, a widened fp32 GEMM elsewhere (fp16, AVX2). The backward's rank
-// products are dense GEMMs over [T, E] matrices that are zero outside the selected experts: exact zeros for the
-// other experts, at ATen's GEMM speed.
+// bf16 tokens, AVX512-BF16 broadcast dot products without AMX, a widened fp32 GEMM elsewhere (fp16, AVX2). The
+// backward's rank products are dense GEMMs over [T, E] matrices that are zero outside the selected experts: exact
+// zeros for the other experts, at ATen's GEMM speed.
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
