@@ -15,6 +15,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <vector>
 
 namespace lowrank::cpu {
 
@@ -137,5 +138,16 @@ at::Tensor pack_pairs_bf16(const at::Tensor& m);
 at::Tensor shrink_avx512(const at::Tensor& z, const at::Tensor& m, double scale);
 void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
                                const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db);
+// Several adapters in one parallel pass (multi_lora_linear's backward): piece p covers rows [row0, row0 + rows) of
+// x2, g2 and dx, with factors lora_a[factor] [r_f, K], lora_b[factor] [N, r_f] and scale[factor]; rows in no piece
+// are left alone. da / db: one entry per factor (written in place when defined, else set; zero for a factor in no
+// piece). One region instead of one per adapter: each call woke the OpenMP workers and drained the caches again.
+struct TailPiece {
+  int64_t factor, row0, rows;
+};
+void lora_backward_tail_multi_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2,
+                                     const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
+                                     const std::vector<double>& scale, const std::vector<TailPiece>& pieces,
+                                     std::vector<at::Tensor>* da, std::vector<at::Tensor>* db);
 
 }  // namespace lowrank::cpu

@@ -61,4 +61,15 @@ void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<S
 std::vector<at::Tensor> segment_tn_amx(const at::Tensor& h, const int64_t* perm, const std::vector<Segment>& segs,
                                        const at::Tensor& z2);
 
+// The whole segmented rank-r update of the forward in one parallel pass, on AVX512-BF16 CPUs without the tile path
+// (cpu/rank_avx512.cpp): y2[perm[i], :] += s_a·(x2[perm[i], :]·A_aᵀ)·B_aᵀ for the rows i of each segment a, with
+// the tail's broadcast-dot kernels (bf16: VDPBF16PS, h rounded to bf16 as an unfused layer holds it; fp32: FMA).
+// a[s]: A_a [rank_s, in] and bt[s]: B_aᵀ [rank_s, out] (any strides). Rows of a token block that are consecutive
+// are read in place; others are gathered 8 at a time into an L1 buffer.
+// Supported: the CPU has AVX512-BF16, x2 and y2 both bf16 or both fp32, 2-D with unit column strides.
+bool segment_lora_avx512_supported(const at::Tensor& x2, const at::Tensor& y2);
+void segment_lora_add_avx512(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& perm,
+                             const std::vector<Segment>& segs, const std::vector<at::Tensor>& a,
+                             const std::vector<at::Tensor>& bt);
+
 }  // namespace lowrank::cpu

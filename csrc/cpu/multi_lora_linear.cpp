@@ -74,6 +74,10 @@ at::Tensor gather_rows(const at::Tensor& src, const int64_t* idx, int64_t n) {
   return out;
 }
 
+// The backward reads an adapter's tokens in place when they come in runs of consecutive tokens at least this long
+// on average (shorter runs make short tail panels; then one gather into the segment order is cheaper).
+constexpr int64_t kMinRun = 32;
+
 // Rows with unit column stride (the AVX-512 kernels read rows through perm); a copy only for odd layouts.
 at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
@@ -104,8 +108,18 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight, 
   if (!segs.empty()) {
     if (y.stride(1) != 1) y = y.contiguous();  // GEMM outputs are row-major: never copies
     const at::Tensor pm = perm.contiguous();
-    const at::Tensor h = cpu::segment_shrink(x2, pm, segs, a_rows(lora_a, segs), rows, r);
-    cpu::segment_expand_add_(y, pm, segs, h, bt_rows(lora_b, segs));
+    if (x2.scalar_type() == at::kBFloat16 && x2.size(0) > cpu::fused_decode_max_tokens() &&
+        !cpu::segment_amx_supported(x2) && cpu::segment_lora_avx512_supported(x2, y)) {
+      // bf16 with AVX512-BF16 but no AMX: shrink and expand of each block of a segment's tokens in one pass on
+      // VDPBF16PS (the separate segmented kernels use fp32 FMAs with masked loads on bf16 and round-trip H through
+      // memory: 1.0 ms of rank-16 work at 2048×768×768 where the GEMM takes 6.5; now 0.75). Not fp32: its FMA
+      // twin, fine in the backward, left MiniLM's 6-layer forward 2.7× PEFT's error from fp64 (the segmented fp32
+      // kernels stay within the repo's 2× rule).
+      cpu::segment_lora_add_avx512(y, x2, pm, segs, a_rows(lora_a, segs), bt_rows(lora_b, segs));
+    } else {
+      const at::Tensor h = cpu::segment_shrink(x2, pm, segs, a_rows(lora_a, segs), rows, r);
+      cpu::segment_expand_add_(y, pm, segs, h, bt_rows(lora_b, segs));
+    }
   }
   return y.view(out_shape);
 }
@@ -125,31 +139,48 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backwar
   OptTensor dx, dw, da, db;
   if (!segs.empty() && x2.size(0) > cpu::fused_decode_max_tokens() && !cpu::segment_amx_supported(x2) &&
       cpu::tail_avx512_supported(x2, lora_a.select(0, 0)) && cpu::tail_avx512_supported(g2, lora_b.select(0, 0))) {
-    // bf16 with AVX512-BF16 but no AMX, and fp32, past the few-token pass: x and g gathered into the segment order
-    // once (and dx = g·W with them, then scattered back), so that each adapter's tokens are consecutive rows and its
-    // rank-r products (dx += gB·A, dA, dB) are the dense fused tail of lora_linear (cpu/rank_avx512.cpp). The
-    // segmented kernels read rows through perm with fp32 FMAs and masked loads: 6 ms of rank-r work at 512 tokens
-    // of 4096², ~8× its VDPBF16PS time; the gathers and the scatter cost four passes over [rows, 4096] bf16.
+    // bf16 with AVX512-BF16 but no AMX, and fp32, past the few-token pass: every adapter's rank-r products
+    // (dx += gB·A, dA, dB) are lora_linear's fused tail (cpu/rank_avx512.cpp), all adapters in one parallel pass.
+    // The tail reads consecutive rows, so: where each adapter's tokens come in long runs of consecutive tokens (a
+    // sequence per adapter, the usual batch), the runs are read in place and dx = g·W takes the update in place;
+    // otherwise x and g are gathered into the segment order once (dx = g·W with them, then scattered back): four
+    // copies of [rows, K] that cost ~1 ms at 2048×768 bf16, a sixth of the GEMM. (The segmented kernels below read
+    // rows through perm with fp32 FMAs and masked loads: 6 ms of rank-r work at 512 tokens of 4096², ~8× the tail.)
     const int64_t* idx = pm.const_data_ptr<int64_t>();
-    const at::Tensor xp = gather_rows(x2, idx, rows), gp = gather_rows(g2, idx, rows);
-    at::Tensor base, dxp;
-    if (output_mask[0]) {
-      base = at::mm(g2, weight).contiguous();
-      dxp = gather_rows(base, idx, rows);
-    }
+    std::vector<cpu::TailPiece> runs;
+    for (size_t s = 0; s < segs.size(); ++s)
+      for (int64_t i = segs[s].begin; i < segs[s].end;) {
+        int64_t j = i + 1;
+        while (j < segs[s].end && idx[j] == idx[j - 1] + 1) ++j;
+        runs.push_back({static_cast<int64_t>(s), idx[i], j - i});
+        i = j;
+      }
+    const bool in_place = static_cast<int64_t>(runs.size()) * kMinRun <= rows;
+    std::vector<at::Tensor> fa, fb, da_v, db_v;
+    std::vector<double> fs;
     at::Tensor dat = output_mask[2] ? at::zeros_like(lora_a, at::MemoryFormat::Contiguous) : at::Tensor();
     at::Tensor dbt = output_mask[3] ? at::zeros_like(lora_b, at::MemoryFormat::Contiguous) : at::Tensor();
     for (const auto& sg : segs) {
-      const int64_t len = sg.end - sg.begin;
-      at::Tensor dxs = output_mask[0] ? dxp.narrow(0, sg.begin, len) : at::Tensor();
-      at::Tensor das = output_mask[2] ? dat.select(0, sg.adapter).narrow(0, 0, sg.rank) : at::Tensor();
-      at::Tensor dbs = output_mask[3] ? dbt.select(0, sg.adapter).narrow(1, 0, sg.rank) : at::Tensor();
-      cpu::lora_backward_tail_avx512(output_mask[0] ? &dxs : nullptr, xp.narrow(0, sg.begin, len),
-                                     gp.narrow(0, sg.begin, len), lora_a.select(0, sg.adapter).narrow(0, 0, sg.rank),
-                                     lora_b.select(0, sg.adapter).narrow(1, 0, sg.rank), sg.scale,
-                                     output_mask[2] ? &das : nullptr, output_mask[3] ? &dbs : nullptr);
+      fa.push_back(lora_a.select(0, sg.adapter).narrow(0, 0, sg.rank));
+      fb.push_back(lora_b.select(0, sg.adapter).narrow(1, 0, sg.rank));
+      fs.push_back(sg.scale);
+      if (output_mask[2]) da_v.push_back(dat.select(0, sg.adapter).narrow(0, 0, sg.rank));
+      if (output_mask[3]) db_v.push_back(dbt.select(0, sg.adapter).narrow(1, 0, sg.rank));
     }
-    if (output_mask[0]) copy_rows(dxp, base, idx, rows, false);
+    auto* pda = output_mask[2] ? &da_v : nullptr;
+    auto* pdb = output_mask[3] ? &db_v : nullptr;
+    at::Tensor base = output_mask[0] ? at::mm(g2, weight).contiguous() : at::Tensor();
+    if (in_place) {
+      cpu::lora_backward_tail_multi_avx512(output_mask[0] ? &base : nullptr, x2, g2, fa, fb, fs, runs, pda, pdb);
+    } else {
+      const at::Tensor xp = gather_rows(x2, idx, rows), gp = gather_rows(g2, idx, rows);
+      at::Tensor dxp = output_mask[0] ? gather_rows(base, idx, rows) : at::Tensor();
+      std::vector<cpu::TailPiece> pieces;
+      for (size_t s = 0; s < segs.size(); ++s)
+        pieces.push_back({static_cast<int64_t>(s), segs[s].begin, segs[s].end - segs[s].begin});
+      cpu::lora_backward_tail_multi_avx512(output_mask[0] ? &dxp : nullptr, xp, gp, fa, fb, fs, pieces, pda, pdb);
+      if (output_mask[0]) copy_rows(dxp, base, idx, rows, false);
+    }
     if (output_mask[1]) dw = at::mm(g2.t(), x2);
     return {output_mask[0] ? OptTensor(base.view(x.sizes())) : OptTensor(), dw,
             output_mask[2] ? OptTensor(dat) : OptTensor(), output_mask[3] ? OptTensor(dbt) : OptTensor()};

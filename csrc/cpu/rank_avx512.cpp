@@ -21,6 +21,7 @@
 // gB and h are rounded to bf16 before use, as an unfused bf16 layer holds them.
 #include "cpu/lowrank_kernels.h"
 #include "cpu/isa.h"
+#include "cpu/multi_lora_kernels.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -405,8 +406,8 @@ LOWRANK_AVX512_BF16 void expand_panel(const Tail<E>& a, int64_t t0, int64_t rows
 }
 
 template <typename E>
-LOWRANK_AVX512_BF16 void tail_panel(const Tail<E>& a, int64_t t0, float* acc_a, float* acc_b, Scratch<E>& sc) {
-  const int64_t rows = std::min<int64_t>(a.panel, a.T - t0);
+LOWRANK_AVX512_BF16 void tail_panel(const Tail<E>& a, int64_t t0, int64_t rows, float* acc_a, float* acc_b,
+                                    Scratch<E>& sc) {
   if (std::is_same_v<E, bf16> && rows % 2) {  // pairs (rows - 1, rows): the second is not a token
     for (int64_t k = 0; k < a.Rp; ++k) sc.gbt[k * a.panel + rows] = sc.ht[k * a.panel + rows] = E(0.f);
   }
@@ -545,65 +546,236 @@ namespace {
 
 
 template <typename E>
-void tail_impl(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
-  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
-  const int64_t G = (r + 15) / 16, Rp = 16 * G;
+void tail_impl(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const std::vector<at::Tensor>& a,
+               const std::vector<at::Tensor>& b, const std::vector<double>& scale,
+               const std::vector<TailPiece>& pieces, std::vector<at::Tensor>* da, std::vector<at::Tensor>* db) {
+  const int64_t K = x2.size(1), N = g2.size(1), F = static_cast<int64_t>(a.size());
   const int64_t nbx = (K + 31) / 32, nbn = (N + 31) / 32;
   const int nthreads = std::max(1, at::get_num_threads());
-  at::Tensor acc_a = da ? at::zeros({nthreads, Rp * nbx * 32}, x2.options().dtype(at::kFloat)) : at::Tensor();
-  at::Tensor acc_b = db ? at::zeros({nthreads, Rp * nbn * 32}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  // Per factor: its rank groups and the offsets of its accumulators in each thread's block.
+  std::vector<int64_t> G(F), off_a(F + 1, 0), off_b(F + 1, 0);
+  int64_t rp_max = 16;
+  for (int64_t f = 0; f < F; ++f) {
+    G[f] = (a[f].size(0) + 15) / 16;
+    rp_max = std::max(rp_max, 16 * G[f]);
+    off_a[f + 1] = off_a[f] + (da ? 16 * G[f] * nbx * 32 : 0);
+    off_b[f + 1] = off_b[f] + (db ? 16 * G[f] * nbn * 32 : 0);
+  }
+  at::Tensor acc_a = da ? at::zeros({nthreads, off_a[F]}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor acc_b = db ? at::zeros({nthreads, off_b[F]}, x2.options().dtype(at::kFloat)) : at::Tensor();
 #if LOWRANK_HAVE_RANK_AVX512
-  const int64_t pt = panel_tokens(K, N), npanel = (T + pt - 1) / pt;
+  const int64_t pt = panel_tokens(K, N);
   const bool want_gb = dx != nullptr || da != nullptr;
-  const at::Tensor a_shrink = pack_shrink(lora_a);
-  const at::Tensor b_shrink = want_gb ? pack_shrink(lora_b.t()) : a_shrink;
-  const at::Tensor a_expand = dx ? pack_expand_any(lora_a, Rp) : a_shrink;
-  const Tail<E> a{x2.const_data_ptr<E>(), x2.stride(0), g2.const_data_ptr<E>(), g2.stride(0), T, K, N, G, Rp, pt,
-                  a_shrink.const_data_ptr<E>(), b_shrink.const_data_ptr<E>(), a_expand.const_data_ptr<E>(),
-                  static_cast<float>(scale), dx ? dx->mutable_data_ptr<E>() : nullptr, want_gb, da != nullptr,
-                  db != nullptr};
+  std::vector<at::Tensor> packs;
+  std::vector<Tail<E>> tails;
+  for (int64_t f = 0; f < F; ++f) {
+    const at::Tensor a_shrink = pack_shrink(a[f]);
+    const at::Tensor b_shrink = want_gb ? pack_shrink(b[f].t()) : a_shrink;
+    const at::Tensor a_expand = dx ? pack_expand_any(a[f], 16 * G[f]) : a_shrink;
+    packs.insert(packs.end(), {a_shrink, b_shrink, a_expand});
+    tails.push_back(Tail<E>{x2.const_data_ptr<E>(), x2.stride(0), g2.const_data_ptr<E>(), g2.stride(0), x2.size(0),
+                            K, N, G[f], 16 * G[f], pt, a_shrink.const_data_ptr<E>(), b_shrink.const_data_ptr<E>(),
+                            a_expand.const_data_ptr<E>(), static_cast<float>(scale[f]),
+                            dx ? dx->mutable_data_ptr<E>() : nullptr, want_gb, da != nullptr, db != nullptr});
+  }
+  struct Item {
+    int64_t factor, t0, rows;
+  };
+  std::vector<Item> items;  // panels of ≤ pt rows (even: bf16 token pairs never straddle two panels)
+  for (const auto& p : pieces)
+    for (int64_t t = 0; t < p.rows; t += pt) items.push_back({p.factor, p.row0 + t, std::min(pt, p.rows - t)});
   const int64_t Cp = std::max(nbx, nbn) * 32;
-  at::parallel_for(0, npanel, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b0, int64_t b1) {
     const int tid = std::min(at::get_thread_num(), nthreads - 1);
-    Scratch<E> sc{std::vector<float>(8 * 32), std::vector<E>(pt * Rp), std::vector<E>(Rp * pt, E(0.f)),
-                  std::vector<E>(Rp * pt, E(0.f)), std::vector<E>(pt * 32), std::vector<E>(2 * Cp)};
+    Scratch<E> sc{std::vector<float>(8 * 32), std::vector<E>(pt * rp_max), std::vector<E>(rp_max * pt, E(0.f)),
+                  std::vector<E>(rp_max * pt, E(0.f)), std::vector<E>(pt * 32), std::vector<E>(2 * Cp)};
     float* pa = da ? acc_a.mutable_data_ptr<float>() + tid * acc_a.size(1) : nullptr;
     float* pb = db ? acc_b.mutable_data_ptr<float>() + tid * acc_b.size(1) : nullptr;
-    for (int64_t b = b0; b < b1; ++b) tail_panel<E>(a, b * pt, pa, pb, sc);
+    for (int64_t i = b0; i < b1; ++i) {
+      const Item& it = items[i];
+      tail_panel<E>(tails[it.factor], it.t0, it.rows, pa ? pa + off_a[it.factor] : nullptr,
+                    pb ? pb + off_b[it.factor] : nullptr, sc);
+    }
   });
 #endif
   // dA [r, K] (out[j, i]) or dB [N, r] (out[i, j]); a tensor defined on entry is written in place.
-  auto write = [&](const at::Tensor& acc, int64_t cols, int64_t nb, at::Tensor* out, bool transposed) {
+  auto write = [&](const at::Tensor& acc, int64_t off, int64_t r, int64_t cols, int64_t nb, at::Tensor* out,
+                   bool transposed) {
     const auto shape = transposed ? std::vector<int64_t>{cols, r} : std::vector<int64_t>{r, cols};
     if (!out->defined()) *out = at::empty(shape, x2.options());
     TORCH_CHECK(out->scalar_type() == x2.scalar_type() && out->sizes() == at::IntArrayRef(shape),
                 "lora_backward_tail_avx512: bad output");
     const int64_t sj = transposed ? out->stride(1) : out->stride(0), si = transposed ? out->stride(0) : out->stride(1);
 #if LOWRANK_HAVE_RANK_AVX512
-    gather<E>(acc.const_data_ptr<float>(), acc.size(0), acc.size(1), r, cols, nb, out->mutable_data_ptr<E>(), sj, si);
+    gather<E>(acc.const_data_ptr<float>() + off, acc.size(0), acc.size(1), r, cols, nb, out->mutable_data_ptr<E>(),
+              sj, si);
 #endif
   };
-  if (da) write(acc_a, K, nbx, da, false);
-  if (db) write(acc_b, N, nbn, db, true);
+  for (int64_t f = 0; f < F; ++f) {
+    if (da) write(acc_a, off_a[f], a[f].size(0), K, nbx, &(*da)[f], false);
+    if (db) write(acc_b, off_b[f], a[f].size(0), N, nbn, &(*db)[f], true);
+  }
 }
 
 }  // namespace
 
-void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
-                               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
-  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1), r = lora_a.size(0);
-  TORCH_CHECK(tail_avx512_supported(x2, lora_a) && tail_avx512_supported(g2, lora_b) &&
-                  g2.scalar_type() == x2.scalar_type() && g2.size(0) == T && lora_a.size(1) == K &&
-                  lora_b.size(0) == N && lora_b.size(1) == r &&
+void lora_backward_tail_multi_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2,
+                                     const std::vector<at::Tensor>& lora_a, const std::vector<at::Tensor>& lora_b,
+                                     const std::vector<double>& scale, const std::vector<TailPiece>& pieces,
+                                     std::vector<at::Tensor>* da, std::vector<at::Tensor>* db) {
+  const int64_t T = x2.size(0), K = x2.size(1), N = g2.size(1);
+  const size_t F = lora_a.size();
+  TORCH_CHECK(F >= 1 && lora_b.size() == F && scale.size() == F && (!da || da->size() == F) &&
+                  (!db || db->size() == F) && g2.scalar_type() == x2.scalar_type() && g2.size(0) == T &&
                   (dx == nullptr || (dx->scalar_type() == x2.scalar_type() && dx->is_contiguous() &&
                                      dx->sizes() == x2.sizes())),
               "lora_backward_tail_avx512: unsupported arguments");
+  for (size_t f = 0; f < F; ++f)
+    TORCH_CHECK(tail_avx512_supported(x2, lora_a[f]) && tail_avx512_supported(g2, lora_b[f]) &&
+                    lora_a[f].size(1) == K && lora_b[f].size(0) == N && lora_b[f].size(1) == lora_a[f].size(0),
+                "lora_backward_tail_avx512: bad factor shapes");
+  for (const auto& p : pieces)
+    TORCH_CHECK(p.factor >= 0 && p.factor < static_cast<int64_t>(F) && p.row0 >= 0 && p.rows >= 0 &&
+                    p.row0 + p.rows <= T,
+                "lora_backward_tail_avx512: piece out of range");
   if (x2.scalar_type() == at::kBFloat16) {
-    tail_impl<bf16>(dx, x2, g2, lora_a, lora_b, scale, da, db);
+    tail_impl<bf16>(dx, x2, g2, lora_a, lora_b, scale, pieces, da, db);
   } else {
-    tail_impl<float>(dx, x2, g2, lora_a, lora_b, scale, da, db);
+    tail_impl<float>(dx, x2, g2, lora_a, lora_b, scale, pieces, da, db);
   }
+}
+
+void lora_backward_tail_avx512(at::Tensor* dx, const at::Tensor& x2, const at::Tensor& g2, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scale, at::Tensor* da, at::Tensor* db) {
+  std::vector<at::Tensor> das{da ? *da : at::Tensor()}, dbs{db ? *db : at::Tensor()};
+  lora_backward_tail_multi_avx512(dx, x2, g2, {lora_a}, {lora_b}, {scale}, {TailPiece{0, 0, x2.size(0)}},
+                                  da ? &das : nullptr, db ? &dbs : nullptr);
+  if (da) *da = das[0];
+  if (db) *db = dbs[0];
+}
+
+namespace {
+
+#if LOWRANK_HAVE_RANK_AVX512
+// Tokens of one work item of the segmented forward: a block of one adapter's rows, small enough that 2 threads
+// get balanced shares of a few segments, large enough that an item's packs stay in L1/L2 while it runs.
+constexpr int64_t kSegItem = 64;
+
+// One block of ≤ NB tokens of a segment (rows pr[0..nt)): h = s·x·Aᵀ (rounded to E), then y += h·Bᵀ, 32 columns
+// at a time. A function with the AVX-512 target (not the parallel lambda) so that add_row and the conversions inline.
+template <typename E>
+LOWRANK_AVX512_BF16 void segment_block(const E* X, int64_t ldx, int64_t K, E* Y, int64_t ldy, int64_t N,
+                                       const int64_t* pr, int nt, int64_t G, float s, const E* mp, const E* ae,
+                                       E* zbuf, E* hrow, float* out) {
+  constexpr bool kBf16 = std::is_same_v<E, bf16>;
+  const int64_t Rp = 16 * G, P = (K + 1) / 2, Np = (N + 31) / 32 * 32;
+  bool run = true;  // consecutive token rows (one sequence per adapter): x read in place
+  for (int j = 1; j < nt; ++j) run = run && pr[j] == pr[0] + j;
+  const E* z = X + pr[0] * ldx;
+  int64_t ldz = ldx;
+  if (!run) {
+    for (int j = 0; j < nt; ++j) std::memcpy(zbuf + j * K, X + pr[j] * ldx, K * sizeof(E));
+    z = zbuf;
+    ldz = K;
+  }
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t g = 0; g < G; ++g) {
+    dispatch_tokens(nt, [&](auto n) {
+      if constexpr (kBf16) {
+        shrink_tile<decltype(n)::value>(z, ldz, K, mp + g * P * 32, out);
+      } else {
+        shrink_tile_f32<decltype(n)::value>(z, ldz, K, mp + g * K * 16, out);
+      }
+    });
+    for (int j = 0; j < nt; ++j) {
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(out + 16 * j), sv);
+      if constexpr (kBf16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hrow + j * Rp + 16 * g), (__m256i)_mm512_cvtneps_pbh(v));
+      } else {
+        _mm512_storeu_ps(hrow + j * Rp + 16 * g, v);
+      }
+    }
+  }
+  for (int64_t c0 = 0; c0 < N; c0 += 32) {
+    const int64_t w = std::min<int64_t>(32, N - c0);
+    const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+    const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
+    dispatch_tokens(nt, [&](auto n) {
+      if constexpr (kBf16) {
+        expand_tile<decltype(n)::value>(hrow, Rp, Rp / 2, ae + c0 * 2, Np * 2, out);
+      } else {
+        expand_tile_f32<decltype(n)::value>(hrow, Rp, Rp, ae + c0, Np, out);
+      }
+    });
+    for (int j = 0; j < nt; ++j) add_row(Y + pr[j] * ldy + c0, m0, m1, out + 32 * j);
+  }
+}
+
+template <typename E>
+void segment_lora_impl(at::Tensor& y, const at::Tensor& x2, const int64_t* perm, const std::vector<Segment>& segs,
+                       const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& bt) {
+  constexpr int64_t NB = std::is_same_v<E, bf16> ? kShrinkTokens : kShrinkTokensF32;
+  const int64_t K = x2.size(1), N = y.size(1);
+  const auto nseg = static_cast<int64_t>(segs.size());
+  std::vector<at::Tensor> shr(nseg), expn(nseg);
+  std::vector<int64_t> G(nseg);
+  int64_t max_rp = 16;
+  struct Item {
+    int64_t seg, i0, n;
+  };
+  std::vector<Item> items;
+  for (int64_t s = 0; s < nseg; ++s) {
+    G[s] = (segs[s].rank + 15) / 16;
+    max_rp = std::max(max_rp, 16 * G[s]);
+    shr[s] = pack_shrink(a[s]);
+    expn[s] = pack_expand_any(bt[s], 16 * G[s]);
+    for (int64_t i = segs[s].begin; i < segs[s].end; i += kSegItem)
+      items.push_back({s, i, std::min(kSegItem, segs[s].end - i)});
+  }
+  const E* X = x2.const_data_ptr<E>();
+  E* Y = y.mutable_data_ptr<E>();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float out[kShrinkTokens * 32];
+    std::vector<E> zbuf(NB * K), hrow(NB * max_rp, E(0.f));
+    for (int64_t it = b0; it < b1; ++it) {
+      const Item& item = items[it];
+      const Segment& sg = segs[item.seg];
+      for (int64_t t = 0; t < item.n; t += NB)
+        segment_block<E>(X, x2.stride(0), K, Y, y.stride(0), N, perm + item.i0 + t,
+                         static_cast<int>(std::min<int64_t>(NB, item.n - t)), G[item.seg],
+                         static_cast<float>(sg.scale), shr[item.seg].template const_data_ptr<E>(),
+                         expn[item.seg].template const_data_ptr<E>(), zbuf.data(), hrow.data(), out);
+    }
+  });
+}
+#endif
+
+}  // namespace
+
+bool segment_lora_avx512_supported(const at::Tensor& x2, const at::Tensor& y) {
+  return has_avx512_bf16() && (x2.scalar_type() == at::kBFloat16 || x2.scalar_type() == at::kFloat) &&
+         y.scalar_type() == x2.scalar_type() && x2.dim() == 2 && y.dim() == 2 && x2.stride(1) == 1 &&
+         y.stride(1) == 1 && x2.size(1) >= 1 && y.size(1) >= 1 && y.size(0) == x2.size(0);
+}
+
+void segment_lora_add_avx512(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& perm,
+                             const std::vector<Segment>& segs, const std::vector<at::Tensor>& a,
+                             const std::vector<at::Tensor>& bt) {
+  TORCH_CHECK(segment_lora_avx512_supported(x2, y2) && perm.scalar_type() == at::kLong && perm.is_contiguous() &&
+                  a.size() == segs.size() && bt.size() == segs.size(),
+              "segment_lora_add_avx512: unsupported arguments");
+  for (size_t s = 0; s < segs.size(); ++s)
+    TORCH_CHECK(a[s].scalar_type() == x2.scalar_type() && bt[s].scalar_type() == x2.scalar_type() &&
+                    a[s].size(0) == segs[s].rank && a[s].size(1) == x2.size(1) && bt[s].size(0) == segs[s].rank &&
+                    bt[s].size(1) == y2.size(1),
+                "segment_lora_add_avx512: bad factor shapes");
+#if LOWRANK_HAVE_RANK_AVX512
+  if (x2.scalar_type() == at::kBFloat16) {
+    segment_lora_impl<bf16>(y2, x2, perm.const_data_ptr<int64_t>(), segs, a, bt);
+  } else {
+    segment_lora_impl<float>(y2, x2, perm.const_data_ptr<int64_t>(), segs, a, bt);
+  }
+#endif
 }
 
 }  // namespace lowrank::cpu

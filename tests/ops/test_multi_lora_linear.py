@@ -28,7 +28,7 @@ SHAPES = [
     ((2, 17), 40, 65, 5, 8),
     ((5,), 1025, 35, 3, 9),
 ]
-PATTERNS = ("mixed", "one", "all_none", "no_none")
+PATTERNS = ("mixed", "one", "all_none", "no_none", "runs")
 
 
 def make_ids(tokens: int, n: int, pattern: str, lead=None) -> torch.Tensor:
@@ -38,6 +38,10 @@ def make_ids(tokens: int, n: int, pattern: str, lead=None) -> torch.Tensor:
         ids = torch.full((tokens,), n - 1)
     elif pattern == "all_none":
         ids = torch.full((tokens,), -1)
+    elif pattern == "runs":  # one adapter per sequence: runs of consecutive tokens (odd lengths, some without adapter)
+        runs = [(37, 0), (20, -1), (131, 1 % n), (3, 2 % n), (64, 0), (45, -1), (1, 1 % n), (40, 2 % n)]
+        ids = torch.cat([torch.full((length,), a) for length, a in runs])
+        ids = ids.repeat(tokens // ids.numel() + 1)[:tokens]
     else:
         ids = torch.randint(0, n, (tokens,))
     return ids.reshape(lead) if lead is not None else ids
@@ -378,9 +382,11 @@ from lowrank.reference import multi_lora_linear as reference
 from tests.conftest import assert_grads_match_oracle, assert_matches_oracle
 from tests.ops.test_multi_lora_linear import make_inputs
 torch.manual_seed(0)
+cases = [((3,), 64, 20, 2, 16), ((40,), 100, 47, 3, 3), ((101,), 33, 70, 4, 8), ((255,), 65, 17, 3, 17)]
+cases = [(c, "mixed") for c in cases] + [(((301,), 67, 45, 3, 17), "runs"), (((2, 150), 40, 33, 2, 5), "runs")]
 for dtype in (torch.float32, torch.bfloat16):
-    for shape in [((3,), 64, 20, 2, 16), ((40,), 100, 47, 3, 3), ((101,), 33, 70, 4, 8), ((255,), 65, 17, 3, 17)]:
-        args = make_inputs(*shape, dtype)
+    for shape, pattern in cases:
+        args = make_inputs(*shape, dtype, pattern=pattern)
         assert_matches_oracle(multi_lora_linear(*args, backend="cpp"), reference, args)
         for wrt in ([0, 1, 2, 3, 4], [3, 4], [0]):
             leaves = [a.detach().requires_grad_(i in wrt) for i, a in enumerate(args[:5])] + args[5:]
@@ -396,7 +402,8 @@ print("ok")
 def test_portable_and_avx512_paths_match_reference(isa):
     """LOWRANK_MAX_CPU_ISA=avx2: fp32 and bf16 on the ATen block-buffer path that AVX2-only CPUs take;
     =avx512_bf16: bf16 on the AVX512-BF16 dot / FMA kernels that CPUs without AMX (AMD Zen 4) take, and past 8
-    tokens the backward's fused rank-r tail in the segment order (odd segments, 2 rank groups, gradient subsets)."""
+    tokens the backward's fused rank-r tail, on gathered rows (mixed ids) and in place on runs of consecutive tokens
+    (one adapter per sequence), with odd segments and runs, 2 rank groups, gradient subsets."""
     import os
     import subprocess
     import sys
