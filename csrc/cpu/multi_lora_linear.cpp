@@ -12,11 +12,15 @@
 //      tiles, 16 tokens per A tile, read in place when they are consecutive rows);
 //   3. per segment, y[perm] += H·B_aᵀ adds into the base output in place (AMX C tiles for bf16, else a 4-row ×
 //      64-column AVX-512 register tile).
+//   bf16 with AVX512-BF16 but no AMX fuses 2 and 3: per block of 8 tokens of a segment, h on VDPBF16PS and at once
+//   y += h·Bᵀ (cpu::segment_lora_add_avx512), h never leaving L1.
 // No gathered copy of x, no output-sized temporary, and no per-token copy of any adapter's weights; the only
 // per-call copies are the active adapters' factors repacked for the tiles (bf16 VNNI pairs on AMX, fp32 rows of B
 // for the AVX-512 expand: r × (in + out) elements per adapter) and 16-row gather scratches.
 // The backward reuses the same three building blocks: dx is a base GEMM plus a segmented expand of gB·A, dA and
-// dB are segmented reductions over each adapter's tokens (zero for adapters that have none).
+// dB are segmented reductions over each adapter's tokens (zero for adapters that have none). Without AMX (and for
+// fp32) past 8 tokens it is instead lora_linear's fused tail for all adapters in one pass, on runs of consecutive
+// tokens read in place (or on x and g gathered into the segment order when ids are mixed token by token).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
