@@ -67,8 +67,14 @@ at::Tensor pack_expand(const at::Tensor& a, int64_t Rp) {
   const bf16* A = a.const_data_ptr<bf16>();
   bf16* O = out.mutable_data_ptr<bf16>();
   const int64_t s0 = a.stride(0), s1 = a.stride(1);
-  for (int64_t k = 0; k < r; ++k)
-    for (int64_t i = 0; i < K; ++i) O[((k / 2) * Kp + i) * 2 + (k % 2)] = A[k * s0 + i * s1];
+  // Packed on every call (per adapter, twice a step): loops that read the source in its memory order.
+  if (s0 == 1) {  // Bᵀ of a row-major B: row i of B holds A[:, i]
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t k = 0; k < r; ++k) O[((k / 2) * Kp + i) * 2 + (k % 2)] = A[i * s1 + k];
+  } else {
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t i = 0; i < K; ++i) O[((k / 2) * Kp + i) * 2 + (k % 2)] = A[k * s0 + i * s1];
+  }
   return out;
 }
 
@@ -450,9 +456,26 @@ at::Tensor pack_pairs_bf16(const at::Tensor& m) {
   const bf16* M = m.const_data_ptr<bf16>();
   bf16* O = out.mutable_data_ptr<bf16>();
   const int64_t s0 = m.stride(0), s1 = m.stride(1);
-  for (int64_t j = 0; j < r; ++j) {
-    bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
-    for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
+  // Packed on every call (per adapter, per step): loops that read the source in its memory order and move a pair
+  // at a time when it is contiguous.
+  if (s1 == 1) {  // rows contiguous: (M[j, 2p], M[j, 2p + 1]) is one 32-bit word
+    for (int64_t j = 0; j < r; ++j) {
+      const bf16* row = M + j * s0;
+      bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
+      for (int64_t p = 0; p < K / 2; ++p) std::memcpy(dst + p * 32, row + 2 * p, 2 * sizeof(bf16));
+      if (K % 2) dst[(K / 2) * 32] = row[K - 1];
+    }
+  } else if (s0 == 1) {  // Mᵀ row-major (Bᵀ of a row-major B): column k of M is contiguous
+    for (int64_t k = 0; k < K; ++k) {
+      const bf16* col = M + k * s1;
+      bf16* dst = O + (k / 2) * 32 + (k % 2);
+      for (int64_t j = 0; j < r; ++j) dst[(j / 16) * P * 32 + (j % 16) * 2] = col[j];
+    }
+  } else {
+    for (int64_t j = 0; j < r; ++j) {
+      bf16* dst = O + (j / 16) * P * 32 + (j % 16) * 2;
+      for (int64_t k = 0; k < K; ++k) dst[(k / 2) * 32 + (k % 2)] = M[j * s0 + k * s1];
+    }
   }
   return out;
 }
