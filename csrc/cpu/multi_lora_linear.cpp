@@ -160,12 +160,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> multi_lora_linear_backwar
         i = j;
       }
     const bool in_place = static_cast<int64_t>(runs.size()) * kMinRun <= rows;
-    std::vector<at::Tensor> fa, fb, da_v, db_v;
+    const std::vector<at::Tensor> fa = a_rows(lora_a, segs);
+    std::vector<at::Tensor> fb, da_v, db_v;
     std::vector<double> fs;
     at::Tensor dat = output_mask[2] ? at::zeros_like(lora_a, at::MemoryFormat::Contiguous) : at::Tensor();
     at::Tensor dbt = output_mask[3] ? at::zeros_like(lora_b, at::MemoryFormat::Contiguous) : at::Tensor();
     for (const auto& sg : segs) {
-      fa.push_back(lora_a.select(0, sg.adapter).narrow(0, 0, sg.rank));
       fb.push_back(lora_b.select(0, sg.adapter).narrow(1, 0, sg.rank));
       fs.push_back(sg.scale);
       if (output_mask[2]) da_v.push_back(dat.select(0, sg.adapter).narrow(0, 0, sg.rank));

@@ -260,6 +260,37 @@ void dispatch_tokens(int n, F&& f) {
   }
 }
 
+// The tile calls of both element types, for nt ≤ 8 tokens. Shrink: rank group g of the packed factor (bf16 pairs
+// [G][⌈K/2⌉][32], fp32 [G][K][16]). Expand: the 32-column block at c0 of the packed A (bf16 [Rp/2][Kp][2], fp32
+// [Rp][Kp]), from nt rows of the rank-space operand (row stride ldg, Rp ranks).
+template <typename E>
+LOWRANK_AVX512_BF16 inline void shrink_block(int nt, const E* z, int64_t ldz, int64_t K, const E* mp, int64_t g,
+                                             float* out) {
+  dispatch_tokens(nt, [&](auto n) {
+    if constexpr (std::is_same_v<E, bf16>) {
+      shrink_tile<decltype(n)::value>(z, ldz, K, mp + g * ((K + 1) / 2) * 32, out);
+    } else {
+      shrink_tile_f32<decltype(n)::value>(z, ldz, K, mp + g * K * 16, out);
+    }
+  });
+}
+template <typename E>
+LOWRANK_AVX512_BF16 inline void expand_block(int nt, const E* gb, int64_t ldg, int64_t Rp, const E* ae, int64_t Kp,
+                                             int64_t c0, float* out) {
+  dispatch_tokens(nt, [&](auto n) {
+    if constexpr (std::is_same_v<E, bf16>) {
+      expand_tile<decltype(n)::value>(gb, ldg, Rp / 2, ae + c0 * 2, Kp * 2, out);
+    } else {
+      expand_tile_f32<decltype(n)::value>(gb, ldg, Rp, ae + c0, Kp, out);
+    }
+  });
+}
+// Lane masks of the two 16-column halves of a block of w ≤ 32 columns.
+LOWRANK_AVX512_BF16 inline void half_masks(int64_t w, __mmask16& m0, __mmask16& m1) {
+  m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+  m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
+}
+
 // E: the element type, bf16 or float (the fp32 packs are plain rows: shrink [G][K][16], expand [Rp][Kp]).
 template <typename E>
 struct Tail {
@@ -292,12 +323,11 @@ struct Scratch {
 LOWRANK_AVX512_BF16 void shrink_panel(const Tail<bf16>& a, const bf16* z, int64_t ldz, int64_t Kz, const bf16* mp,
                                       int64_t rows, bf16* rows_out, bf16* tr, float* out) {
   auto* tr_out = reinterpret_cast<uint16_t*>(tr);
-  const int64_t P = (Kz + 1) / 2;
   const __m512 sv = _mm512_set1_ps(a.s);
   for (int64_t t0 = 0; t0 < rows; t0 += kShrinkTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t0));
     for (int64_t g = 0; g < a.G; ++g) {
-      dispatch_tokens(nt, [&](auto n) { shrink_tile<decltype(n)::value>(z + t0 * ldz, ldz, Kz, mp + g * P * 32, out); });
+      shrink_block<bf16>(nt, z + t0 * ldz, ldz, Kz, mp, g, out);
       alignas(64) uint16_t v[16];
       for (int t = 0; t < nt; ++t) {
         const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(out + 16 * t), sv));
@@ -344,9 +374,7 @@ LOWRANK_AVX512_BF16 void shrink_panel(const Tail<float>& a, const float* z, int6
   for (int64_t t0 = 0; t0 < rows; t0 += kShrinkTokensF32) {
     const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokensF32, rows - t0));
     for (int64_t g = 0; g < a.G; ++g) {
-      dispatch_tokens(nt, [&](auto n) {
-        shrink_tile_f32<decltype(n)::value>(z + t0 * ldz, ldz, Kz, mp + g * Kz * 16, out);
-      });
+      shrink_block<float>(nt, z + t0 * ldz, ldz, Kz, mp, g, out);
       for (int t = 0; t < nt; ++t)
         for (int j = 0; j < 16; ++j) {
           const float v = a.s * out[16 * t + j];
@@ -396,16 +424,9 @@ LOWRANK_AVX512_BF16 void expand_panel(const Tail<E>& a, int64_t t0, int64_t rows
   for (int64_t t = 0; t < rows; t += kShrinkTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
     for (int64_t c0 = 0; c0 < a.K; c0 += 32) {
-      const int64_t w = std::min<int64_t>(32, a.K - c0);
-      const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-      const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
-      dispatch_tokens(nt, [&](auto n) {
-        if constexpr (std::is_same_v<E, bf16>) {
-          expand_tile<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, a.Rp / 2, a.a_expand + c0 * 2, Kp * 2, out);
-        } else {
-          expand_tile_f32<decltype(n)::value>(gbrow + t * a.Rp, a.Rp, a.Rp, a.a_expand + c0, Kp, out);
-        }
-      });
+      __mmask16 m0, m1;
+      half_masks(std::min<int64_t>(32, a.K - c0), m0, m1);
+      expand_block<E>(nt, gbrow + t * a.Rp, a.Rp, a.Rp, a.a_expand, Kp, c0, out);
       for (int j = 0; j < nt; ++j) add_row(a.dx + (t0 + t + j) * a.K + c0, m0, m1, out + 32 * j);
     }
   }
@@ -691,7 +712,7 @@ LOWRANK_AVX512_BF16 void segment_block(const E* X, int64_t ldx, int64_t K, E* Y,
                                        const int64_t* pr, int nt, int64_t G, float s, const E* mp, const E* ae,
                                        E* zbuf, E* hrow, float* out) {
   constexpr bool kBf16 = std::is_same_v<E, bf16>;
-  const int64_t Rp = 16 * G, P = (K + 1) / 2, Np = (N + 31) / 32 * 32;
+  const int64_t Rp = 16 * G, Np = (N + 31) / 32 * 32;
   bool run = true;  // consecutive token rows (one sequence per adapter): x read in place
   for (int j = 1; j < nt; ++j) run = run && pr[j] == pr[0] + j;
   const E* z = X + pr[0] * ldx;
@@ -703,13 +724,7 @@ LOWRANK_AVX512_BF16 void segment_block(const E* X, int64_t ldx, int64_t K, E* Y,
   }
   const __m512 sv = _mm512_set1_ps(s);
   for (int64_t g = 0; g < G; ++g) {
-    dispatch_tokens(nt, [&](auto n) {
-      if constexpr (kBf16) {
-        shrink_tile<decltype(n)::value>(z, ldz, K, mp + g * P * 32, out);
-      } else {
-        shrink_tile_f32<decltype(n)::value>(z, ldz, K, mp + g * K * 16, out);
-      }
-    });
+    shrink_block<E>(nt, z, ldz, K, mp, g, out);
     for (int j = 0; j < nt; ++j) {
       const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(out + 16 * j), sv);
       if constexpr (kBf16) {
@@ -720,16 +735,9 @@ LOWRANK_AVX512_BF16 void segment_block(const E* X, int64_t ldx, int64_t K, E* Y,
     }
   }
   for (int64_t c0 = 0; c0 < N; c0 += 32) {
-    const int64_t w = std::min<int64_t>(32, N - c0);
-    const auto m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-    const auto m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
-    dispatch_tokens(nt, [&](auto n) {
-      if constexpr (kBf16) {
-        expand_tile<decltype(n)::value>(hrow, Rp, Rp / 2, ae + c0 * 2, Np * 2, out);
-      } else {
-        expand_tile_f32<decltype(n)::value>(hrow, Rp, Rp, ae + c0, Np, out);
-      }
-    });
+    __mmask16 m0, m1;
+    half_masks(std::min<int64_t>(32, N - c0), m0, m1);
+    expand_block<E>(nt, hrow, Rp, Rp, ae, Np, c0, out);
     for (int j = 0; j < nt; ++j) add_row(Y + pr[j] * ldy + c0, m0, m1, out + 32 * j);
   }
 }
