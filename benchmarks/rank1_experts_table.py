@@ -5,8 +5,9 @@ burst of load lands on one implementation only. Here every round calls the three
 (rotating their order) and the table reports per-implementation medians over the rounds and their ratios to the
 Linear, next to the arithmetic floor of the ratio (extra multiply-adds over the Linear's):
   * fwd:     1 + (E_r·in + E·in + k·out) / (in·out), E_r = E for gate "router" (router scores), 0 for "self";
-  * fwd+bwd: 1 + (fwd extra + (E_r + E)·in·2 + E·out·2 + k·out) / (2·in·out) with x requiring grad: the Linear does
-             two GEMMs, the layer adds q = G·B and dB = Gᵀ·U (E·out each, dense), D·[A; R] and Dᵀ·x.
+  * fwd+bwd: 1 + (fwd extra + bwd extra) / (2·in·out) with x requiring grad (the Linear does two GEMMs); the
+             backward adds q = G·B and dB = Gᵀ·U at the selected experts (k·out each) and D·[A; R], Dᵀ·x: at the
+             selected experts for "router" (2k·in each), dense for "self" (E·in each: the norm makes dh dense).
 
     python benchmarks/rank1_experts_table.py [--threads 2] [--rounds 15] [--gate router] [--dtype bfloat16]
                                              [--mode fwd] [--shape 2048x768x768]
@@ -31,7 +32,7 @@ def floor_ratio(gate: str, mode: str, shape, experts: int = E, k: int = K) -> fl
     fwd = (er + experts) * in_f + k * out_f
     if mode == "fwd":
         return 1 + fwd / (in_f * out_f)
-    bwd = (er + experts) * in_f * 2 + experts * out_f * 2 + k * out_f
+    bwd = 2 * k * out_f + (4 * k * in_f if gate == "router" else 2 * experts * in_f)
     return 1 + (fwd + bwd) / (2 * in_f * out_f)
 
 

@@ -146,6 +146,36 @@ def test_backward_matches_reference(backend, dtype, shape, gate):
     assert_grads_match_oracle(grads, fn, full, g, wrt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("gate,extra", [("router", {}), ("router", {"threshold": 0.08}), ("self", {}),
+                                        ("self", {"temperature": 0.7, "threshold": 0.07})])
+def test_backward_wide_layers_many_experts_and_gate_grads(gate, extra, threads, dtype):
+    """The CPU backward's sparse passes over the selected experts: k = 11 > 8 (two groups of a token's experts),
+    in / out past one 512-column slab with a partial last group of 16, one or two column ranges (threads),
+    pruned gates, and a loss that also reads the returned gates (their gradient flows into the router / h)."""
+    lead, in_, out, E, k = (2, 37), 1030, 530, 24, 11
+    torch.set_num_threads(threads)
+    args, kw = make_inputs(lead, in_, out, E, dtype, gate, router_bias=gate == "router")
+    full = args + ([kw["router"]] if gate == "router" else [])
+    leaves = [a.detach().requires_grad_(True) for a in full]
+    kw2 = {n: v for n, v in kw.items() if n != "router"}
+    y, _, gates = rank1_experts_lora(*leaves[:5], k, scaling=1.5, **({"router": leaves[5]} if gate == "router"
+                                                                       else {}), **kw2, **extra)
+    if "threshold" in extra:
+        assert (gates == 0).any()
+    g = torch.randn_like(y)
+    gg = torch.randn(gates.shape).to(dtype).to(gates.dtype)   # representable in x's dtype: the oracle casts it
+    grads = torch.autograd.grad([y, gates], leaves, [g, gg])
+
+    def fn(*a):
+        ry, _, rg = reference(*a[:5], k, scaling=1.5, **({"router": a[5]} if gate == "router" else {}), **kw2,
+                              **extra)
+        return torch.cat([ry.flatten(), rg.to(ry.dtype).flatten()])
+    assert_grads_match_oracle(grads, fn, full, torch.cat([g.flatten(), gg.to(dtype).flatten()]),
+                              list(range(len(full))))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [((3,), 17, 9, 4, 4), ((4,), 100, 50, 64, 8), ((7,), 33, 20, 8, 2), ((255,), 40, 70, 16, 3),
                                    ((2, 9), 65, 33, 64, 8), ((8,), 1025, 67, 16, 4)], ids=str)
