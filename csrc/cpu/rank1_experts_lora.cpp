@@ -8,9 +8,10 @@
 //             dW = Gᵀ·x.
 // Why this order: the k-of-E expand touches k rows of Bᵀ per token, so it costs T·k·out instead of the dense
 // masked form's T·E·out (8× less at E = 64, k = 8); it is a separate pass over y because oneDNN's K = E GEMM
-// would do all E. The shrink cannot be sparse (every score is needed for top-k), so it is one product against
-// [A; R] (a view when the module keeps them in one buffer, else a copy of 2E·in elements) with fp32 results (the
-// gating runs in fp32): at::mm for fp32/fp64, the AMX tile shrink for bf16, AVX512-BF16 dot products for ≤ 8
+// would do all E. The shrink of the selection scores cannot be sparse (every score is needed for top-k): under
+// "self" it is x·Aᵀ itself; under "router" it is x·Rᵀ, and h = x·Aᵀ is formed at the k selected experts only
+// (bf16 / fp32 from 64 tokens on AVX-512; elsewhere one product against [A; R], a view when the module keeps them
+// in one buffer, else a copy of 2E·in elements). Products have fp32 results (the gating runs in fp32): at::mm for fp32/fp64, the AMX tile shrink for bf16, AVX512-BF16 dot products for ≤ 8
 // bf16 tokens, AVX512-BF16 broadcast dot products without AMX, a widened fp32 GEMM elsewhere (fp16, AVX2). The
 // backward's rank products (q, dB and, for the router gate, D·[A; R] and Dᵀ·x) touch only the selected experts
 // for bf16 / fp32 from 64 tokens on AVX-512 ("sparse backward" below); elsewhere (fp64, fp16, few tokens, CPUs
@@ -366,6 +367,9 @@ at::Tensor augmented(const at::Tensor& x2, const at::Tensor& idx, const at::Tens
 
 at::ScalarType gate_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+bool sparse_backward_supported(const at::Tensor& x2, const at::Tensor& g2);
+at::Tensor selected_dots(const at::Tensor& src, const at::Tensor& rows, const at::Tensor& idx);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cpu(
     const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const OptTensor& router, const OptTensor& router_bias, int64_t top_k, double scaling,
@@ -376,8 +380,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
   const at::Tensor x2 = x.reshape({-1, in});
   const int64_t T = x2.size(0);
   const auto gd = gate_dtype(x);
-  at::Tensor act = T > 0 ? activations(x2, stacked_factors(lora_a, router, use_router))
-                         : at::empty({0, use_router ? 2 * E : E}, x.options().dtype(gd));
+  // Router gate, bf16 / fp32 from 64 tokens on AVX-512: selection reads only the router scores z, so h = x·Aᵀ is
+  // formed at the k selected experts only (T·k·in multiply-adds instead of T·E·in; act holds h there and zeros
+  // elsewhere: the backward reads the router gate's h at the selected experts only).
+  const bool sparse_h = use_router && gd == at::kFloat && sparse_backward_supported(x2, x2);
+  at::Tensor act;
+  if (sparse_h) {
+    act = at::zeros({T, 2 * E}, x.options().dtype(gd));
+    act.narrow(1, E, E).copy_(activations(x2, *router));
+  } else {
+    act = T > 0 ? activations(x2, stacked_factors(lora_a, router, use_router))
+                : at::empty({0, use_router ? 2 * E : E}, x.options().dtype(gd));
+  }
   at::Tensor prob = use_router ? at::empty({T, E}, act.options()) : at::Tensor();  // σ(z), filled by the epilogue
   at::Tensor idx = at::empty({T, top_k}, x.options().dtype(at::kLong));
   at::Tensor gates = at::empty({T, top_k}, x.options().dtype(gd));
@@ -386,6 +400,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
     select_and_gate<scalar_t>(act, prob, router_bias, E, top_k, use_router, scaling, temperature, threshold, idx,
                               gates, u);
   });
+  if (sparse_h) {
+    // u was formed from h = 0; the gates (post-threshold) are final: u = s·g·h_sel.
+    const at::Tensor hs = selected_dots(x2, lora_a.contiguous(), idx);
+    act.narrow(1, 0, E).scatter_(1, idx, hs);
+    u = hs.mul_(gates).mul_(scaling);
+  }
   at::Tensor y;
   const at::Tensor wj = fused_supported(x2, weight, lora_b) ? cpu::joint_weight(weight, lora_b) : at::Tensor();
   if (T > 0 && T <= cpu::fused_decode_max_tokens() && cpu::decode_supported(x2, weight) &&
@@ -645,28 +665,35 @@ void bucket_reduce(const at::Tensor& src, const Buckets& b, const std::vector<co
 #endif
 }
 
-// q [T, E] (zero but at the selected experts, the only entries gate_backward reads) from one token-major pass
-// over g. Needs sparse_backward_supported.
-at::Tensor sparse_q(const at::Tensor& g2, const at::Tensor& lora_b, const at::Tensor& idx, int64_t E) {
-  const int64_t T = g2.size(0), N = g2.size(1), k = idx.size(1);
-  at::Tensor qs = at::empty({T, k}, g2.options().dtype(at::kFloat));
+// d [T, k]: d_tj = src_t·rows[idx_tj] (rows [R, N] contiguous, src's dtype), token-major, fp32 sums. Needs
+// sparse_backward_supported's dtype, layout and CPU conditions.
+at::Tensor selected_dots(const at::Tensor& src, const at::Tensor& rows, const at::Tensor& idx) {
+  const int64_t T = src.size(0), N = src.size(1), k = idx.size(1);
+  at::Tensor d = at::empty({T, k}, src.options().dtype(at::kFloat));
 #if R1_HAVE_AVX512
-  const at::Tensor bt = lora_b.t().contiguous();  // [E, out] in g's dtype
+  TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == src.scalar_type() && rows.size(1) == N,
+              "rank1 selected_dots: bad layout");
   const int64_t* ip = idx.data_ptr<int64_t>();
-  float* qp = qs.data_ptr<float>();
-  const int64_t ldg = g2.stride(0);
+  float* dp = d.data_ptr<float>();
+  const int64_t ld = src.stride(0);
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      if (g2.scalar_type() == at::kBFloat16) {
-        q_token_any(g2.data_ptr<c10::BFloat16>() + t * ldg, N, ip + t * k, k, bt.data_ptr<c10::BFloat16>(),
-                    qp + t * k);
+      if (src.scalar_type() == at::kBFloat16) {
+        q_token_any(src.data_ptr<c10::BFloat16>() + t * ld, N, ip + t * k, k, rows.data_ptr<c10::BFloat16>(),
+                    dp + t * k);
       } else {
-        q_token_any(g2.data_ptr<float>() + t * ldg, N, ip + t * k, k, bt.data_ptr<float>(), qp + t * k);
+        q_token_any(src.data_ptr<float>() + t * ld, N, ip + t * k, k, rows.data_ptr<float>(), dp + t * k);
       }
     }
   });
 #endif
-  return at::zeros({T, E}, qs.options()).scatter_(1, idx, qs);
+  return d;
+}
+
+// q [T, E] (zero but at the selected experts, the only entries gate_backward reads): q_tj = g_t·b_ej.
+at::Tensor sparse_q(const at::Tensor& g2, const at::Tensor& lora_b, const at::Tensor& idx, int64_t E) {
+  const at::Tensor qs = selected_dots(g2, lora_b.t().contiguous(), idx);
+  return at::zeros({g2.size(0), E}, qs.options()).scatter_(1, idx, qs);
 }
 
 // ---- backward -----------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ lowrank/reference/rank1_experts_lora.py.
 Ops (schemas in csrc/registration.cpp):
   * ``lowrank::rank1_experts_lora``: forward, C++ CPU kernel (csrc/cpu/rank1_experts_lora.cpp); it also returns
     act = x·[A; R]ᵀ (the rank activations and router logits, gate dtype) which the backward reuses, so the
-    skinny GEMM is not repeated (T·2E·4 bytes kept, small next to x).
+    skinny GEMM is not repeated (T·2E·4 bytes kept, small next to x). Under the router gate only the selected
+    experts' rank activations are needed (selection reads the router logits), and the CPU kernel may leave the
+    others zero (it forms h at the selected experts only, bf16 / fp32 from 64 tokens on AVX-512).
   * ``lowrank::rank1_experts_lora_backward``: (dx, dW, dA, dB, d router) under an output mask.
   * ``lowrank::rank1_experts_lora_triton``: the forward run by the Triton kernels
     (kernels/triton/rank1_experts_lora.py); same outputs, same backward.
