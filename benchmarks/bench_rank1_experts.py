@@ -10,8 +10,9 @@ k = 8 per token, lora_b non-zero so no path can skip the expand):
 Gates: "router" (SMoRA, sigmoid router with the balancing bias) and "self" (MoRA).
 Modes: "fwd" under ``torch.inference_mode``; "fwd+bwd" with the base frozen and x requiring grad (the floor is
 the Linear's forward + dx GEMM), backward of a precomputed grad of ones, gradients set to None after each step.
-Arithmetic floor over nn.Linear (extra multiply-adds / base ones): forward (E·in [router] + E·in [h] + k·out) /
-(in·out) for "router" and (E·in + k·out) / (in·out) for "self"; at 768×768: 17.7% / 9.4%.
+Arithmetic floor over nn.Linear (extra multiply-adds / base ones): forward (E·in [router] + k·in [h at the selected
+experts] + k·out) / (in·out) for "router" and (E·in + k·out) / (in·out) for "self"; at 768×768: 10.4% / 9.4%
+(benchmarks/rank1_experts_table.py has the forward + backward floor too).
 
     pytest benchmarks/bench_rank1_experts.py --benchmark-disable     # CI smoke: small shapes, each case once
     pytest benchmarks/bench_rank1_experts.py --benchmark-only --benchmark-json=out.json

@@ -4,7 +4,8 @@ pytest-benchmark (bench_rank1_experts.py) times each case in its own block, so o
 burst of load lands on one implementation only. Here every round calls the three implementations back to back
 (rotating their order) and the table reports per-implementation medians over the rounds and their ratios to the
 Linear, next to the arithmetic floor of the ratio (extra multiply-adds over the Linear's):
-  * fwd:     1 + (E_r·in + E·in + k·out) / (in·out), E_r = E for gate "router" (router scores), 0 for "self";
+  * fwd:     1 + (E·in + k·out) / (in·out) for "self" (all E rank activations are its selection scores) and
+             1 + (E·in + k·in + k·out) / (in·out) for "router" (router scores, then h at the k selected experts);
   * fwd+bwd: 1 + (fwd extra + bwd extra) / (2·in·out) with x requiring grad (the Linear does two GEMMs); the
              backward adds q = G·B and dB = Gᵀ·U at the selected experts (k·out each) and D·[A; R], Dᵀ·x: at the
              selected experts for "router" (2k·in each), dense for "self" (E·in each: the norm makes dh dense).
@@ -28,8 +29,7 @@ IMPLS = ("linear", "dense", "lowrank")
 
 def floor_ratio(gate: str, mode: str, shape, experts: int = E, k: int = K) -> float:
     _, in_f, out_f = shape
-    er = experts if gate == "router" else 0
-    fwd = (er + experts) * in_f + k * out_f
+    fwd = (experts + (k if gate == "router" else 0)) * in_f + k * out_f
     if mode == "fwd":
         return 1 + fwd / (in_f * out_f)
     bwd = 2 * k * out_f + (4 * k * in_f if gate == "router" else 2 * experts * in_f)
