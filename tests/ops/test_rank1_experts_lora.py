@@ -176,6 +176,34 @@ def test_backward_wide_layers_many_experts_and_gate_grads(gate, extra, threads, 
                               list(range(len(full))))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gate", GATES)
+def test_sparse_paths_read_strided_inputs_in_place(gate, dtype):
+    """From 64 tokens the CPU kernels read x and grad_y by row stride and take factors of any layout: x and lora_b
+    as column slices of wider buffers (lora_b as in the packed [W | B] layout), lora_a from transposed storage."""
+    T, in_, out, E, k = 70, 130, 90, 16, 5
+    args, kw = make_inputs((T,), in_, out, E, dtype, gate, router_bias=gate == "router")
+    wide_x = torch.randn(T, in_ + 7).to(dtype)
+    wide_x[:, :in_] = args[0]
+    wide_b = torch.randn(out, in_ + E).to(dtype)
+    wide_b[:, in_:] = args[4]
+    args[0], args[4] = wide_x[:, :in_], wide_b[:, in_:]
+    args[3] = args[3].t().contiguous().t()
+    assert args[0].stride(0) == in_ + 7 and args[4].stride(0) == in_ + E and not args[3].is_contiguous()
+    full = args + ([kw["router"]] if gate == "router" else [])
+    leaves = [a.detach().requires_grad_(True) for a in full]
+    kw2 = {n: v for n, v in kw.items() if n != "router"}
+    y = rank1_experts_lora(*leaves[:5], k, scaling=0.7, **({"router": leaves[5]} if gate == "router" else {}),
+                           **kw2)[0]
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+
+    def fn(*a):
+        return reference(*a[:5], k, scaling=0.7, **({"router": a[5]} if gate == "router" else {}), **kw2)[0]
+    assert_matches_oracle(y, fn, full)
+    assert_grads_match_oracle(grads, fn, full, g, list(range(len(full))))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [((3,), 17, 9, 4, 4), ((4,), 100, 50, 64, 8), ((7,), 33, 20, 8, 2), ((255,), 40, 70, 16, 3),
                                    ((2, 9), 65, 33, 64, 8), ((8,), 1025, 67, 16, 4)], ids=str)
