@@ -499,69 +499,54 @@ R1_AVX512 void q_token_any(const T* gr, int64_t N, const int64_t* ids, int64_t k
 }
 
 // out_r[c0 : c0 + cols] = Σ_i coef_r[i]·src[tok[i]][c0 : c0 + cols] for NR output rows sharing the source rows
-// (NR = 2: dA and dR from one read of x), cols ≤ kSlabCols, sums in registers.
-template <int NR>
-R1_AVX512 void bucket_slab(const float* src, int64_t ld, int64_t c0, int64_t cols, const int64_t* tok,
-                           const float* const* coef, int64_t count, float* const* out) {
-  constexpr int NV = kSlabCols / 16;
-  __mmask16 m[NV];
-  for (int v = 0; v < NV; ++v) {
-    const int64_t c = cols - 16 * v;
-    m[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
-  }
-  __m512 acc[NR][NV];
-#pragma GCC unroll 2
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < count; ++i) {
-    const float* row = src + tok[i] * ld + c0;
-    if (i + 2 < count) _mm_prefetch(reinterpret_cast<const char*>(src + tok[i + 2] * ld + c0), _MM_HINT_T0);
-    __m512 cf[NR];
-    for (int r = 0; r < NR; ++r) cf[r] = _mm512_set1_ps(coef[r][i]);
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m[v], row + 16 * v);
-#pragma GCC unroll 2
-      for (int r = 0; r < NR; ++r) acc[r][v] = _mm512_fmadd_ps(cf[r], xv, acc[r][v]);
-    }
-  }
-#pragma GCC unroll 2
-  for (int r = 0; r < NR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out[r] + c0 + 16 * v, m[v], acc[r][v]);
-}
-
-// bf16 rows: 32 columns a load, widened without a shuffle: as 32-bit lanes, (v << 16) is the even columns and
-// (v & 0xFFFF0000) the odd ones, exactly, in fp32. The accumulators hold even and odd columns apart and are
-// interleaved back once, at the store.
-template <int NR>
-R1_AVX512 void bucket_slab(const c10::BFloat16* src, int64_t ld, int64_t c0, int64_t cols, const int64_t* tok,
+// (NR = 2: dA and dR from one read of x), cols ≤ kSlabCols, sums in registers: two accumulators per 32 columns and
+// output row. fp32 rows: columns 0–15 and 16–31 of each 32. bf16 rows: 32 columns a load, widened without a
+// shuffle: as 32-bit lanes, (v << 16) is the even columns and (v & 0xFFFF0000) the odd ones, exactly, in fp32; the
+// even and odd sums are interleaved back once, at the store.
+template <int NR, typename T>
+R1_AVX512 void bucket_slab(const T* src, int64_t ld, int64_t c0, int64_t cols, const int64_t* tok,
                            const float* const* coef, int64_t count, float* const* out) {
   constexpr int NL = kSlabCols / 32;
-  __mmask32 m[NL];
-  for (int v = 0; v < NL; ++v) m[v] = cols - 32 * v <= 0 ? (__mmask32)0 : mask32(cols - 32 * v);
+  constexpr bool f32 = std::is_same_v<T, float>;
+  // Column masks of the two halves of each 32 (lo: columns 0–15 / even, hi: 16–31 / odd) and of the bf16 load.
+  __mmask16 m0[NL], m1[NL];
+  __mmask32 m32[NL];
+  for (int v = 0; v < NL; ++v) {
+    const int64_t c = cols - 32 * v;
+    m0[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
+    m1[v] = c >= 32 ? (__mmask16)0xFFFF : c <= 16 ? (__mmask16)0 : (__mmask16)((1u << (c - 16)) - 1u);
+    m32[v] = c <= 0 ? (__mmask32)0 : mask32(c);
+  }
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m512 ev[NR][NL], od[NR][NL];
+  __m512 s0[NR][NL], s1[NR][NL];
+#pragma GCC unroll 2
   for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < NL; ++v) ev[r][v] = od[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NL; ++v) s0[r][v] = s1[r][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < count; ++i) {
-    const c10::BFloat16* row = src + tok[i] * ld + c0;
+    const T* row = src + tok[i] * ld + c0;
     if (i + 2 < count) _mm_prefetch(reinterpret_cast<const char*>(src + tok[i + 2] * ld + c0), _MM_HINT_T0);
     __m512 cf[NR];
     for (int r = 0; r < NR; ++r) cf[r] = _mm512_set1_ps(coef[r][i]);
 #pragma GCC unroll 4
     for (int v = 0; v < NL; ++v) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(m[v], row + 32 * v);
-      const __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
-      const __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(xv, hi));
+      __m512 x0, x1;
+      if constexpr (f32) {
+        x0 = _mm512_maskz_loadu_ps(m0[v], row + 32 * v);
+        x1 = _mm512_maskz_loadu_ps(m1[v], row + 32 * v + 16);
+      } else {
+        const __m512i xv = _mm512_maskz_loadu_epi16(m32[v], row + 32 * v);
+        x0 = _mm512_castsi512_ps(_mm512_slli_epi32(xv, 16));
+        x1 = _mm512_castsi512_ps(_mm512_and_si512(xv, hi));
+      }
+#pragma GCC unroll 2
       for (int r = 0; r < NR; ++r) {
-        ev[r][v] = _mm512_fmadd_ps(cf[r], xe, ev[r][v]);
-        od[r][v] = _mm512_fmadd_ps(cf[r], xo, od[r][v]);
+        s0[r][v] = _mm512_fmadd_ps(cf[r], x0, s0[r][v]);
+        s1[r][v] = _mm512_fmadd_ps(cf[r], x1, s1[r][v]);
       }
     }
   }
-  // Lane i of ev / od is column 2i / 2i + 1 of the 32: interleave into columns 0–15 and 16–31.
+  // bf16: lane i of s0 / s1 is column 2i / 2i + 1 of the 32; interleave into columns 0–15 and 16–31.
   const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   // (No early exit below: an array indexed past a data-dependent break stays in memory, and GCC then spills every
@@ -570,12 +555,11 @@ R1_AVX512 void bucket_slab(const c10::BFloat16* src, int64_t ld, int64_t c0, int
   for (int r = 0; r < NR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NL; ++v) {
-      const int64_t c = cols - 32 * v;
       float* o = out[r] + c0 + 32 * v;
-      const __mmask16 m0 = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
-      const __mmask16 m1 = c >= 32 ? (__mmask16)0xFFFF : c <= 16 ? (__mmask16)0 : (__mmask16)((1u << (c - 16)) - 1u);
-      _mm512_mask_storeu_ps(o, m0, _mm512_permutex2var_ps(ev[r][v], lo_idx, od[r][v]));
-      _mm512_mask_storeu_ps(o + 16, m1, _mm512_permutex2var_ps(ev[r][v], hi_idx, od[r][v]));
+      const __m512 a = f32 ? s0[r][v] : _mm512_permutex2var_ps(s0[r][v], lo_idx, s1[r][v]);
+      const __m512 b = f32 ? s1[r][v] : _mm512_permutex2var_ps(s0[r][v], hi_idx, s1[r][v]);
+      _mm512_mask_storeu_ps(o, m0[v], a);
+      _mm512_mask_storeu_ps(o + 16, m1[v], b);
     }
   }
 }
