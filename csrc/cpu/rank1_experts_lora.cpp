@@ -11,11 +11,12 @@
 // would do all E. The shrink of the selection scores cannot be sparse (every score is needed for top-k): under
 // "self" it is x·Aᵀ itself; under "router" it is x·Rᵀ, and h = x·Aᵀ is formed at the k selected experts only
 // (bf16 / fp32 from 64 tokens on AVX-512; elsewhere one product against [A; R], a view when the module keeps them
-// in one buffer, else a copy of 2E·in elements). Products have fp32 results (the gating runs in fp32): at::mm for fp32/fp64, the AMX tile shrink for bf16, AVX512-BF16 dot products for ≤ 8
-// bf16 tokens, AVX512-BF16 broadcast dot products without AMX, a widened fp32 GEMM elsewhere (fp16, AVX2). The
-// backward's rank products (q, dB and, for the router gate, D·[A; R] and Dᵀ·x) touch only the selected experts
-// for bf16 / fp32 from 64 tokens on AVX-512 ("sparse backward" below); elsewhere (fp64, fp16, few tokens, CPUs
-// without AVX-512) they are dense GEMMs over [T, E] matrices that are zero outside the selected experts.
+// in one buffer, else a copy of 2E·in elements). Products have fp32 results (the gating runs in fp32): at::mm for
+// fp32/fp64, the AMX tile shrink for bf16, AVX512-BF16 dot products for ≤ 8 bf16 tokens, AVX512-BF16 broadcast dot
+// products without AMX, a widened fp32 GEMM elsewhere (fp16, AVX2). The backward's rank products (q, dB and, for
+// the router gate, D·[A; R] and Dᵀ·x) touch only the selected experts for bf16 / fp32 on AVX-512 from 128 tokens
+// and (in + out) / 16 ("sparse backward" below); elsewhere (fp64, fp16, fewer tokens, CPUs without AVX-512) they
+// are dense GEMMs over [T, E] matrices that are zero outside the selected experts.
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
@@ -367,7 +368,11 @@ at::Tensor augmented(const at::Tensor& x2, const at::Tensor& idx, const at::Tens
 
 at::ScalarType gate_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-bool sparse_backward_supported(const at::Tensor& x2, const at::Tensor& g2);
+// From this many tokens the router gate's h is formed at the selected experts only (below, the decode kernels'
+// one product against [A; R] serves).
+constexpr int64_t kSparseHMinT = 64;
+
+bool sparse_kernels_supported(const at::Tensor& x2, const at::Tensor& g2);
 at::Tensor selected_dots(const at::Tensor& src, const at::Tensor& rows, const at::Tensor& idx);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cpu(
@@ -380,10 +385,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
   const at::Tensor x2 = x.reshape({-1, in});
   const int64_t T = x2.size(0);
   const auto gd = gate_dtype(x);
-  // Router gate, bf16 / fp32 from 64 tokens on AVX-512: selection reads only the router scores z, so h = x·Aᵀ is
-  // formed at the k selected experts only (T·k·in multiply-adds instead of T·E·in; act holds h there and zeros
-  // elsewhere: the backward reads the router gate's h at the selected experts only).
-  const bool sparse_h = use_router && gd == at::kFloat && sparse_backward_supported(x2, x2);
+  // Router gate, bf16 / fp32 from kSparseHMinT tokens on AVX-512: selection reads only the router scores z, so
+  // h = x·Aᵀ is formed at the k selected experts only (T·k·in multiply-adds instead of T·E·in; act holds h there
+  // and zeros elsewhere: the backward reads the router gate's h at the selected experts only).
+  const bool sparse_h = use_router && gd == at::kFloat && T >= kSparseHMinT && sparse_kernels_supported(x2, x2);
   at::Tensor act;
   if (sparse_h) {
     act = at::zeros({T, 2 * E}, x.options().dtype(gd));
@@ -565,14 +570,24 @@ R1_AVX512 void bucket_slab(const T* src, int64_t ld, int64_t c0, int64_t cols, c
 }
 #endif
 
-// Below this many tokens the dense products are small and the sparse path's fixed work (Bᵀ transposed, [A; R]
-// widened, E·(in + out) outputs written slab by slab) costs more than it saves (8×4096², bf16: 3.2 ms vs 2.6 ms).
-constexpr int64_t kSparseMinT = 64;
-
-bool sparse_backward_supported(const at::Tensor& x2, const at::Tensor& g2) {
-  return R1_HAVE_AVX512 && x2.size(0) >= kSparseMinT && cpu::has_avx512_bf16() &&
+// The AVX-512 kernels below (dot passes, buckets): bf16 / fp32 rows with unit column stride.
+bool sparse_kernels_supported(const at::Tensor& x2, const at::Tensor& g2) {
+  return R1_HAVE_AVX512 && cpu::has_avx512_bf16() &&
          (x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kBFloat16) && x2.stride(1) == 1 &&
          g2.stride(1) == 1;
+}
+
+// When the sparse backward beats the dense one. Its fixed work (Bᵀ transposed, [A; R] widened, E·(in + out)
+// outputs written slab by slab) is paid once a call, and the dense [T, E] GEMMs stay efficient for few tokens of
+// wide layers. Measured, router gate, bf16, 2 threads, whole backward sparse vs dense: 4096²: 8 tokens 3.2 vs 2.6
+// ms, 64: 10.1 vs 8.6, 256: 27.6 vs 26.6, 384: 37.8 vs 37.1, 512: 46.2 vs 48.2; 768²: 64 tokens 0.85 vs 0.64, 128:
+// 1.04 vs 1.00, 256: 1.46 vs 2.58; 768×3072: 128 tokens 2.18 vs 2.80, 256: 3.75 vs 4.76. Hence from 128 tokens
+// and from (in + out) / 16.
+constexpr int64_t kSparseMinT = 128;
+
+bool sparse_backward_supported(const at::Tensor& x2, const at::Tensor& g2) {
+  const int64_t T = x2.size(0);
+  return T >= kSparseMinT && 16 * T >= x2.size(1) + g2.size(1) && sparse_kernels_supported(x2, g2);
 }
 
 // u [T, k] = s·g·h_sel (post-threshold gates, as the forward's epilogue forms them), recomputed from act.
@@ -650,7 +665,7 @@ void bucket_reduce(const at::Tensor& src, const Buckets& b, const std::vector<co
 }
 
 // d [T, k]: d_tj = src_t·rows[idx_tj] (rows [R, N] contiguous, src's dtype), token-major, fp32 sums. Needs
-// sparse_backward_supported's dtype, layout and CPU conditions.
+// sparse_kernels_supported.
 at::Tensor selected_dots(const at::Tensor& src, const at::Tensor& rows, const at::Tensor& idx) {
   const int64_t T = src.size(0), N = src.size(1), k = idx.size(1);
   at::Tensor d = at::empty({T, k}, src.options().dtype(at::kFloat));

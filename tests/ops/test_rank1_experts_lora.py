@@ -154,7 +154,7 @@ def test_backward_wide_layers_many_experts_and_gate_grads(gate, extra, threads, 
     """The CPU backward's sparse passes over the selected experts: k = 11 > 8 (two groups of a token's experts),
     in / out past one 512-column slab with a partial last group of 16, one or two column ranges (threads),
     pruned gates, and a loss that also reads the returned gates (their gradient flows into the router / h)."""
-    lead, in_, out, E, k = (2, 37), 1030, 530, 24, 11
+    lead, in_, out, E, k = (2, 67), 1030, 530, 24, 11   # 134 tokens: past the sparse backward's thresholds
     torch.set_num_threads(threads)
     args, kw = make_inputs(lead, in_, out, E, dtype, gate, router_bias=gate == "router")
     full = args + ([kw["router"]] if gate == "router" else [])
@@ -179,9 +179,9 @@ def test_backward_wide_layers_many_experts_and_gate_grads(gate, extra, threads, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gate", GATES)
 def test_sparse_paths_read_strided_inputs_in_place(gate, dtype):
-    """From 64 tokens the CPU kernels read x and grad_y by row stride and take factors of any layout: x and lora_b
+    """From 128 tokens the CPU kernels read x and grad_y by row stride and take factors of any layout: x and lora_b
     as column slices of wider buffers (lora_b as in the packed [W | B] layout), lora_a from transposed storage."""
-    T, in_, out, E, k = 70, 130, 90, 16, 5
+    T, in_, out, E, k = 130, 130, 90, 16, 5
     args, kw = make_inputs((T,), in_, out, E, dtype, gate, router_bias=gate == "router")
     wide_x = torch.randn(T, in_ + 7).to(dtype)
     wide_x[:, :in_] = args[0]
