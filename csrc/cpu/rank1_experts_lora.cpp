@@ -32,6 +32,7 @@
 
 #include "common/rank1_experts_common.h"
 #include "cpu/lowrank_kernels.h"
+#include "cpu/masks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -225,10 +226,7 @@ template <typename T>
 R1_AVX512 void expand_tile_avx512(T* yp, int64_t ldy, int64_t t0, int64_t t1, int64_t n0, int64_t cols, int64_t k,
                                   const int64_t* ip, const float* up, const float* bt, int64_t N) {
   __mmask16 m[4];
-  for (int v = 0; v < 4; ++v) {
-    const int64_t c = cols - 16 * v;
-    m[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
-  }
+  for (int v = 0; v < 4; ++v) m[v] = cpu::mask16(cols - 16 * v);
   for (int64_t t = t0; t < t1; ++t) {
     T* yr = yp + t * ldy + n0;
     __m512 acc[4];
@@ -456,8 +454,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank1_experts_lora_cp
 constexpr int64_t kSlabCols = 128;  // 8 zmm accumulators a row
 
 #if R1_HAVE_AVX512
-R1_AVX512 inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << n) - 1u); }
-
 // One token, experts j0 .. j0 + JN of its selection: q_j = g_t·bt[e_j] over [0, N). fp32: FMAs; bf16: VDPBF16PS on
 // column pairs (exact products, fp32 sums, no conversions).
 template <int JN, typename T>
@@ -470,7 +466,7 @@ R1_AVX512 inline void q_token(const T* gr, int64_t N, const int64_t* ids, const 
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (int64_t c = 0; c < N; c += 32) {
-      const __mmask32 m = mask32(N - c);
+      const __mmask32 m = cpu::mask32(N - c);
       const __m512bh gv = (__m512bh)_mm512_maskz_loadu_epi16(m, gr + c);
       for (int j = 0; j < JN; ++j) {
         qa[j] = _mm512_dpbf16_ps(qa[j], gv, (__m512bh)_mm512_maskz_loadu_epi16(m, brow[j] + c));
@@ -478,7 +474,7 @@ R1_AVX512 inline void q_token(const T* gr, int64_t N, const int64_t* ids, const 
     }
   } else {
     for (int64_t c = 0; c < N; c += 16) {
-      const __mmask16 m = N - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - c)) - 1u);
+      const __mmask16 m = cpu::mask16(N - c);
       const __m512 gv = ld16(gr + c, m);
       for (int j = 0; j < JN; ++j) qa[j] = _mm512_fmadd_ps(gv, ld16(brow[j] + c, m), qa[j]);
     }
@@ -518,9 +514,9 @@ R1_AVX512 void bucket_slab(const T* src, int64_t ld, int64_t c0, int64_t cols, c
   __mmask32 m32[NL];
   for (int v = 0; v < NL; ++v) {
     const int64_t c = cols - 32 * v;
-    m0[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1u);
-    m1[v] = c >= 32 ? (__mmask16)0xFFFF : c <= 16 ? (__mmask16)0 : (__mmask16)((1u << (c - 16)) - 1u);
-    m32[v] = c <= 0 ? (__mmask32)0 : mask32(c);
+    m0[v] = cpu::mask16(c);
+    m1[v] = cpu::mask16(c - 16);
+    m32[v] = cpu::mask32(c);
   }
   const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   __m512 s0[NR][NL], s1[NR][NL];
@@ -588,26 +584,6 @@ constexpr int64_t kSparseMinT = 128;
 bool sparse_backward_supported(const at::Tensor& x2, const at::Tensor& g2) {
   const int64_t T = x2.size(0);
   return T >= kSparseMinT && 16 * T >= x2.size(1) + g2.size(1) && sparse_kernels_supported(x2, g2);
-}
-
-// u [T, k] = s·g·h_sel (post-threshold gates, as the forward's epilogue forms them), recomputed from act.
-void gated_u(const at::Tensor& act, const at::Tensor& prob, const at::Tensor& idx, int64_t E, bool router,
-             double scaling, double temperature, std::optional<double> threshold, at::Tensor& u) {
-  const int64_t T = act.size(0), k = idx.size(1), ld = act.size(1);
-  const float* a = act.data_ptr<float>();
-  const float* pp = router ? prob.data_ptr<float>() : nullptr;
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  float* up = u.data_ptr<float>();
-  at::parallel_for(0, T, 256, [&](int64_t t0, int64_t t1) {
-    std::vector<float> g(k);
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* h = a + t * ld;
-      const float r = router ? 1.f : rank1_norm(h, E);
-      rank1_finish_token(h, router ? pp + t * E : static_cast<const float*>(nullptr), ip + t * k, k, router, r,
-                         scaling, temperature, threshold.has_value(), threshold.value_or(0.0), g.data(),
-                         up + t * k);
-    }
-  });
 }
 
 // The T·k selections bucketed by expert (counting sort, tokens ascending within a bucket): start [E + 1] and, in
@@ -752,14 +728,11 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
   const at::Tensor idx = indices.reshape({T, k}).contiguous();
   // bf16 / fp32 on AVX-512: q, dB and (router) dx's rank part and d[A; R] over the selected experts only.
   const bool sparse = T > 0 && gd == at::kFloat && sparse_backward_supported(x2, g2);
-  at::Tensor u;  // [T, k] s·g·h_sel (sparse path)
   if (T > 0) {
     const at::Tensor a = act.to(gd).contiguous();
     const at::Tensor prob = router_probs(a, E, use_router);
     at::Tensor q;
     if (sparse) {
-      u = at::empty({T, k}, a.options());
-      gated_u(a, prob, idx, E, use_router, scaling, temperature, threshold, u);
       q = sparse_q(g2, lora_b, idx, E);
     } else {
       // The rank products stay with ATen (oneDNN): the AMX tile kernels lora_linear uses for r = 16 measured
@@ -787,6 +760,7 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor, OptTensor> rank1_experts_
   const Buckets bk = bucket_by_expert(idx, E);
   OptTensor dB;
   if (mask[3]) {
+    const at::Tensor u = U.gather(1, idx);  // [T, k] s·g·h_sel, as gate_backward formed it
     at::Tensor dbt = at::empty({E, out}, u.options());  // dBᵀ
     bucket_reduce(g2, bk, {u.data_ptr<float>()}, {dbt.data_ptr<float>()}, E);
     dB = dbt.t().to(dt).contiguous();
