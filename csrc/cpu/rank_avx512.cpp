@@ -21,6 +21,7 @@
 // gB and h are rounded to bf16 before use, as an unfused bf16 layer holds them.
 #include "cpu/lowrank_kernels.h"
 #include "cpu/isa.h"
+#include "cpu/masks.h"
 #include "cpu/multi_lora_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -285,11 +286,6 @@ LOWRANK_AVX512_BF16 inline void expand_block(int nt, const E* gb, int64_t ldg, i
     }
   });
 }
-// Lane masks of the two 16-column halves of a block of w ≤ 32 columns.
-LOWRANK_AVX512_BF16 inline void half_masks(int64_t w, __mmask16& m0, __mmask16& m1) {
-  m0 = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
-  m1 = static_cast<__mmask16>(w >= 32 ? 0xFFFFu : w <= 16 ? 0u : (1u << (w - 16)) - 1u);
-}
 
 // E: the element type, bf16 or float (the fp32 packs are plain rows: shrink [G][K][16], expand [Rp][Kp]).
 template <typename E>
@@ -424,8 +420,8 @@ LOWRANK_AVX512_BF16 void expand_panel(const Tail<E>& a, int64_t t0, int64_t rows
   for (int64_t t = 0; t < rows; t += kShrinkTokens) {
     const int nt = static_cast<int>(std::min<int64_t>(kShrinkTokens, rows - t));
     for (int64_t c0 = 0; c0 < a.K; c0 += 32) {
-      __mmask16 m0, m1;
-      half_masks(std::min<int64_t>(32, a.K - c0), m0, m1);
+      // Lane masks of the two 16-column halves of this block of columns.
+      const __mmask16 m0 = mask16(a.K - c0), m1 = mask16(a.K - c0 - 16);
       expand_block<E>(nt, gbrow + t * a.Rp, a.Rp, a.Rp, a.a_expand, Kp, c0, out);
       for (int j = 0; j < nt; ++j) add_row(a.dx + (t0 + t + j) * a.K + c0, m0, m1, out + 32 * j);
     }
@@ -735,8 +731,7 @@ LOWRANK_AVX512_BF16 void segment_block(const E* X, int64_t ldx, int64_t K, E* Y,
     }
   }
   for (int64_t c0 = 0; c0 < N; c0 += 32) {
-    __mmask16 m0, m1;
-    half_masks(std::min<int64_t>(32, N - c0), m0, m1);
+    const __mmask16 m0 = mask16(N - c0), m1 = mask16(N - c0 - 16);
     expand_block<E>(nt, hrow, Rp, Rp, ae, Np, c0, out);
     for (int j = 0; j < nt; ++j) add_row(Y + pr[j] * ldy + c0, m0, m1, out + 32 * j);
   }
