@@ -9,6 +9,7 @@
 // 0.1 ms for the same shape on two cores; the AVX512-BF16 broadcast kernel below is the fallback elsewhere.
 #include "cpu/lowrank_kernels.h"
 #include "cpu/amx_tiles.h"
+#include "cpu/masks.h"
 #include "cpu/isa.h"
 
 #include <ATen/Parallel.h>
@@ -71,7 +72,7 @@ LOWRANK_AMX_BF16 void amx_rows(bf16* xp, int64_t ldo, const bf16* ap, int64_t r,
     }
     _tile_stored(0, c, 64);
     const int64_t n = std::min<int64_t>(16, r - g * 16);
-    const auto m = static_cast<__mmask16>((1u << n) - 1u);
+    const auto m = mask16(n);
     for (int t = 0; t < 16; ++t)
       _mm256_mask_storeu_epi16(xp + t * ldo + K + g * 16, m,
                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(c[t]), sv)));
@@ -107,7 +108,7 @@ LOWRANK_AVX512_BF16 void avx_rows(const bf16* x, int64_t ldx, const bf16* ap, in
       }
     }
     const int64_t n = std::min<int64_t>(16, r - g * 16);
-    const auto m = static_cast<__mmask16>((1u << n) - 1u);
+    const auto m = mask16(n);
     for (int t = 0; t < TT; ++t)
       _mm256_mask_storeu_epi16(out + t * ldo + K + g * 16, m,
                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[t], sv)));

@@ -241,7 +241,7 @@ LOWRANK_AVX512 __attribute__((noinline)) void nn_block(const c10::BFloat16* g, i
       acc[t][1] = _mm512_loadu_ps(out + t * ldo + c + 16);
     }
   }
-  const __mmask32 m = kTail ? (__mmask32)((1ull << cols) - 1ull) : (__mmask32)0xFFFFFFFFu;
+  const __mmask32 m = kTail ? mask32(cols) : mask32(32);
   const int64_t pairs_end = n0 + (n1 - n0) / 2 * 2;
   const auto* G = reinterpret_cast<const uint16_t*>(g);
   for (int64_t n = n0; n < pairs_end; n += 2) {

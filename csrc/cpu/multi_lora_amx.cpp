@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "cpu/amx_tiles.h"
+#include "cpu/masks.h"
 #include "cpu/lowrank_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
@@ -48,7 +49,7 @@ LOWRANK_SEG_AMX_BF16 void gather_pairs(const int32_t* M, int64_t ld, int64_t r, 
                                          _mm512_set1_epi32(static_cast<int>(ld)));
   for (int64_t g = 0; g < G; ++g) {
     const int64_t rows = std::min<int64_t>(16, r - 16 * g);
-    const __mmask16 m = rows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows) - 1u);
+    const __mmask16 m = mask16(rows);
     const int32_t* base = M + 16 * g * ld;
     for (int64_t p = 0; p < kp; ++p)
       _mm512_storeu_si512(O + (g * P + p) * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + p, 4));
@@ -232,7 +233,7 @@ void segment_expand_amx(at::Tensor& y2, const int64_t* perm, const std::vector<S
           }
           _tile_stored(0, c, 64);
           const int64_t cols = std::min<int64_t>(16, Nout - n0);
-          const __mmask16 mk = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+          const __mmask16 mk = mask16(cols);
           for (int64_t t = 0; t < cnt; ++t) {
             bf16* p = yrow[t] + n0;
             const __m512 yv = _mm512_castsi512_ps(
@@ -289,7 +290,7 @@ std::vector<at::Tensor> segment_tn_amx(const at::Tensor& h, const int64_t* perm,
             const bf16* at_ = ht[s].data() + ((r0 / 16) * nc + (t0 - g.begin) / 32) * 512;
             for (int half = 0; half < 2; ++half) {
               const int64_t cc = c0 + 32 * half, w = std::min<int64_t>(32, K - cc);
-              const __mmask32 m = w >= 32 ? (__mmask32)0xFFFFFFFFu : (w <= 0 ? (__mmask32)0 : (__mmask32)((1u << w) - 1u));
+              const __mmask32 m = mask32(w);
               for (int64_t p = 0; p < 16; ++p) {
                 const int64_t t = 2 * p;
                 pair_rows(t < nt ? Z + perm[t0 + t] * ldz + cc : nullptr,

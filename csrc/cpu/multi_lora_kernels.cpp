@@ -130,7 +130,7 @@ LOWRANK_SEG_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) 
 LOWRANK_SEG_AVX512 inline void dots(const c10::BFloat16* const* z, const c10::BFloat16* m, int64_t ldm, int64_t K,
                                     int nb, __m512 (&acc)[TT][NB]) {
   for (int64_t i = 0; i < K; i += 32) {
-    const __mmask32 mk = K - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - i)) - 1u);
+    const __mmask32 mk = mask32(K - i);
     __m512i mv[NB];
     for (int j = 0; j < NB; ++j) mv[j] = j < nb ? _mm512_maskz_loadu_epi16(mk, m + j * ldm + i) : _mm512_setzero_si512();
     for (int t = 0; t < TT; ++t) {

@@ -8,6 +8,7 @@
 // is interleaved into the VNNI pair layout of two B tiles in a 2 KB scratch (two VPERMT2W per row pair).
 #include "cpu/lowrank_kernels.h"
 #include "cpu/amx_tiles.h"
+#include "cpu/masks.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -103,7 +104,7 @@ LOWRANK_AMX_BF16 void tn_block(const bf16* z, int64_t ldz, int64_t T, int64_t K,
   alignas(64) bf16 b1[16][32];
   alignas(64) float c[2][16][16];
   const int64_t cols = std::min<int64_t>(32, K - k0);
-  const auto m = cols >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << cols) - 1u);
+  const auto m = mask32(cols);
   _tile_zero(0);
   _tile_zero(1);
   for (int64_t t0 = 0; t0 < Tp; t0 += 32) {
@@ -140,7 +141,7 @@ LOWRANK_AMX_BF16 void tn_panels(const bf16* z, int64_t ldz, int64_t T, int64_t K
       const bf16* r1 = t + 1 < T ? z + (t + 1) * ldz : nullptr;
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t kb = k0 + 32 * b, cols = std::min<int64_t>(32, K - kb);
-        const auto m = cols >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << cols) - 1u);
+        const auto m = mask32(cols);
         bf16* blk = bscr + b * 1024;
         pair_rows(r0 ? r0 + kb : nullptr, r1 ? r1 + kb : nullptr, m, blk + p * 32, blk + 512 + p * 32);
       }
@@ -223,10 +224,6 @@ struct TailScratch {
   bf16* bp;     // [4][2][16][32]: one 32-column block of a panel of Z in VNNI pairs (the reductions' B tiles)
 };
 
-inline __mmask32 cols_mask32(int64_t cols) {
-  return cols >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << cols) - 1u);
-}
-
 // acc[g][blk] += Mᵀ[g]·Z[panel rows, 32·blk : 32·blk + 32] for every 32-column block of Z (mt: [G·16][kPanel]
 // bf16, zero past the panel's rows and past r). The two C tiles of a block stay on the tile unit for the
 // panel's ≤ 4 steps of 32 tokens; acc holds them between panels.
@@ -236,7 +233,7 @@ LOWRANK_AMX_BF16 void tail_reduce(const bf16* z, int64_t ldz, int64_t rows, int6
   constexpr int64_t ldm = kPanel * static_cast<int64_t>(sizeof(bf16));
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t kb = 32 * b;
-    const auto m = cols_mask32(cols_total - kb);
+    const auto m = mask32(cols_total - kb);
     for (int64_t st = 0; st < steps; ++st)
       for (int64_t p = 0; p < 16; ++p) {
         const int64_t t = 32 * st + 2 * p;
@@ -297,7 +294,7 @@ LOWRANK_AMX_BF16 void tail_dx(const TailArgs& a, int64_t t0, int64_t rows, const
     if (nc > 3) _tile_stored(3, c[3], 64);
     for (int64_t u = 0; u < nc; ++u) {
       const int64_t col = (cb + u) * 16, cols = std::min<int64_t>(16, K - col);
-      const auto m = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+      const auto m = mask16(cols);
       for (int64_t t = 0; t < rows; ++t) {
         const int64_t row = t0 + t;
         const __m256i raw = _mm256_maskz_loadu_epi16(m, a.dx + row * K + col);
@@ -387,7 +384,7 @@ LOWRANK_AMX_BF16 void gather_tiles(const float* S, int64_t nt, int64_t per, int6
       const int64_t n = std::min<int64_t>(16, cols - i0);
       const __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
       if (si == 1) {
-        _mm256_mask_storeu_epi16(O + j * sj + i0, static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u), b);
+        _mm256_mask_storeu_epi16(O + j * sj + i0, mask16(n), b);
       } else {
         _mm256_store_si256(reinterpret_cast<__m256i*>(v16), b);
         uint16_t* dst = reinterpret_cast<uint16_t*>(O) + j * sj + i0 * si;

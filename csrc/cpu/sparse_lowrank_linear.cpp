@@ -41,6 +41,7 @@
 #include "common/sparse_lowrank_checks.h"
 #include "cpu/isa.h"
 #include "cpu/lowrank_kernels.h"
+#include "cpu/masks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -197,10 +198,6 @@ SLR_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
 SLR_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-SLR_AVX512 inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
 // In-register 16×16 fp32 transpose: r[q] lane c becomes r[c] lane q.
 SLR_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -233,7 +230,7 @@ template <typename scalar_t, int TB>
 SLR_AVX512 void pack_avx512(const scalar_t* src, int64_t lds, int64_t tb, int64_t c0, int64_t c1, float* dst) {
   for (int64_t cb = c0; cb < c1; cb += 16) {
     const int64_t nc = std::min<int64_t>(16, c1 - cb);
-    const __mmask16 cm = tail_mask(nc);
+    const __mmask16 cm = cpu::mask16(nc);
     for (int64_t j0 = 0; j0 < TB; j0 += 16) {
       __m512 r[16];
       for (int64_t q = 0; q < 16; ++q) r[q] = j0 + q < tb ? load16(src + (j0 + q) * lds + cb, cm) : _mm512_setzero_ps();
@@ -247,7 +244,7 @@ SLR_AVX512 void pack_avx512(const scalar_t* src, int64_t lds, int64_t tb, int64_
 // read-modify-write of 16 contiguous outputs per token.
 template <int TB, typename out_t>
 SLR_AVX512 void add_tile_avx512(const float (*tile)[TB], int64_t nr, out_t* out, int64_t ldo, int64_t tb) {
-  const __mmask16 rm = tail_mask(nr);
+  const __mmask16 rm = cpu::mask16(nr);
   for (int64_t j0 = 0; j0 < tb; j0 += 16) {
     __m512 r[16];
     for (int64_t q = 0; q < 16; ++q) r[q] = q < nr ? _mm512_load_ps(tile[q] + j0) : _mm512_setzero_ps();
@@ -323,7 +320,7 @@ SLR_AVX512 void pack_pairs_avx512(const c10::BFloat16* src, int64_t lds, int64_t
   const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t cb = c0; cb < c1; cb += 16) {
     const int64_t nc = std::min<int64_t>(16, c1 - cb);
-    const __mmask16 cm = tail_mask(nc);
+    const __mmask16 cm = cpu::mask16(nc);
     for (int64_t j0 = 0; j0 < TB; j0 += 32) {
       __m512 lo[16], hi[16];
       for (int64_t q = 0; q < 16; ++q) {
@@ -403,7 +400,7 @@ SLR_AVX512 SLR_INLINE void entry_chunks(int32_t k0, int32_t ke, float* dv, const
     __m512 p[16];
     for (int q = 0; q < 16; ++q) p[q] = q < n ? entry(k0 + q) : _mm512_setzero_ps();
     if constexpr (DV) {
-      const __mmask16 m = tail_mask(n);
+      const __mmask16 m = cpu::mask16(n);
       _mm512_mask_storeu_ps(dv + k0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dv + k0), reduce16(p)));
     }
   }
